@@ -1,0 +1,579 @@
+"""The LLMDeployment API (llm.vllm-operator.io/v1alpha1) as pydantic models.
+
+These models are the single source of truth: the operator parses specs with them and
+``vllm_operator.crd`` generates the CRD's OpenAPI schema from them. Rules that span several
+fields are written twice on purpose, once as CEL (``x-kubernetes-validations``, checked by the
+apiserver at admission) and once in Python (checked by the operator, which reports a condition);
+``tests/test_invalid_manifests.py`` holds both to the same catalog.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+from vllm_operator.engine_metrics import EngineStats
+from vllm_operator.vllm_flags import REMOVED_FLAGS, extra_args_errors, owned_flag_pattern
+
+GROUP = "llm.vllm-operator.io"
+VERSION = "v1alpha1"
+KIND = "LLMDeployment"
+PLURAL = "llmdeployments"
+SINGULAR = "llmdeployment"
+SHORT_NAMES = ["llmd"]
+
+# Kubernetes resource.Quantity, as the apiserver's own parser accepts it.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+HF_REPO_ID_PATTERN = r"^([A-Za-z0-9][A-Za-z0-9_.-]*/)?[A-Za-z0-9][A-Za-z0-9_.-]*$"
+PVC_MODEL_PATTERN = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^/].*)?$"
+
+
+
+def _check_quantity(value: str | int) -> str | int:
+    if isinstance(value, str) and not re.match(QUANTITY_PATTERN, value):
+        raise ValueError(f"{value!r} should match a Kubernetes quantity such as 500m, 8Gi or 2")
+    return value
+
+
+Quantity = Annotated[
+    str | int,
+    AfterValidator(_check_quantity),
+    Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN}),
+]
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """One ``x-kubernetes-validations`` entry."""
+    entry = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+class ApiModel(BaseModel):
+    """camelCase on the wire, snake_case in Python; unknown fields are errors."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class KeyRef(ApiModel):
+    """A key of a Secret or ConfigMap in the LLMDeployment's namespace."""
+
+    name: str = Field(
+        description="Name of the Secret or ConfigMap in the same namespace.",
+        min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN,
+    )
+    key: str = Field(
+        description="Key inside it whose value is used.",
+        min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$",
+    )
+
+
+class ModelSpec(ApiModel):
+    """What to serve."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.name.contains('://') ? (self.name.startsWith('pvc://') || self.name.startsWith('file:///'))"
+                    f" : self.name.matches('{HF_REPO_ID_PATTERN}')",
+                    "model.name must be a Hugging Face repo id (org/name), pvc://<claim>/<path> or file:///<absolute path>",
+                    ".name",
+                ),
+                cel(
+                    f"!self.name.startsWith('pvc://') || self.name.matches('{PVC_MODEL_PATTERN}')",
+                    "model.name pvc://<claim>/<path> needs a claim name (lowercase letters, digits and '-')",
+                    ".name",
+                ),
+                cel(
+                    "!(has(self.chatTemplate) && has(self.chatTemplateConfigMapRef))",
+                    "set either model.chatTemplate or model.chatTemplateConfigMapRef, not both",
+                ),
+            ]
+        }
+    )
+
+    name: str = Field(
+        description=(
+            "The model: a Hugging Face repo id such as meta-llama/Meta-Llama-3-8B-Instruct (downloaded into the "
+            "cache volume), pvc://<claim>/<path> for weights on an existing PersistentVolumeClaim, or "
+            "file:///<path> for weights baked into the image."
+        ),
+        min_length=1, max_length=512,
+    )
+    revision: str | None = Field(
+        None, description="Branch, tag or commit of the Hugging Face repo. Default: the repo's default branch.",
+        min_length=1, max_length=255,
+    )
+    tokenizer: str | None = Field(
+        None, description="Another Hugging Face repo id or path to load the tokenizer from. Default: the model's.",
+        min_length=1, max_length=512,
+    )
+    served_name: str | None = Field(
+        None,
+        description="Model name clients put in OpenAI API requests. Default: metadata.name.",
+        min_length=1, max_length=255, pattern=r"^[^\s]+$",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow the model repo's own Python code to run (needed by some architectures)."
+    )
+    chat_template: str | None = Field(
+        None, description="Inline Jinja chat template that replaces the tokenizer's.", min_length=1, max_length=65536
+    )
+    chat_template_config_map_ref: KeyRef | None = Field(
+        None, description="A ConfigMap key holding the Jinja chat template; exclusive with chatTemplate."
+    )
+    hf_token_secret_ref: KeyRef | None = Field(
+        None, description="Secret key holding a Hugging Face token, for gated or private repos (exposed as HF_TOKEN)."
+    )
+
+    @model_validator(mode="after")
+    def _check_source(self) -> ModelSpec:
+        parse_model_source(self.name)
+        if self.chat_template is not None and self.chat_template_config_map_ref is not None:
+            raise ValueError("set either model.chatTemplate or model.chatTemplateConfigMapRef, not both")
+        return self
+
+
+AcceleratorType = Literal["nvidia", "amd", "gaudi", "cpu"]
+
+
+class AcceleratorSpec(ApiModel):
+    """The accelerator each replica runs on."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.type != 'cpu' || !has(self.count)",
+                    "accelerator.count is the number of GPUs or Gaudi cards per replica; remove it for type cpu "
+                    "(size CPU replicas with spec.resources)",
+                    ".count",
+                ),
+                cel(
+                    "!has(self.product) || self.type == 'nvidia' || self.type == 'amd'",
+                    "accelerator.product selects a GPU model and applies to types nvidia and amd only",
+                    ".product",
+                ),
+            ]
+        }
+    )
+
+    type: AcceleratorType = Field(
+        description="Accelerator kind: nvidia (nvidia.com/gpu), amd (amd.com/gpu), gaudi (habana.ai/gaudi) or cpu."
+    )
+    count: int | None = Field(
+        None, description="Accelerators per replica (GPU/Gaudi types only). Default: 1.", ge=1, le=64
+    )
+    product: str | None = Field(
+        None,
+        description=(
+            "GPU product label value, e.g. NVIDIA-H100-80GB-HBM3; becomes a node selector on "
+            "nvidia.com/gpu.product (nvidia) or amd.com/gpu.product-name (amd)."
+        ),
+        min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+    )
+
+    @model_validator(mode="after")
+    def _check_count(self) -> AcceleratorSpec:
+        if self.type == "cpu" and self.count is not None:
+            raise ValueError(
+                "accelerator.count is the number of GPUs or Gaudi cards per replica; remove it for type cpu "
+                "(size CPU replicas with spec.resources)"
+            )
+        if self.product is not None and self.type not in ("nvidia", "amd"):
+            raise ValueError("accelerator.product selects a GPU model and applies to types nvidia and amd only")
+        return self
+
+    @property
+    def devices(self) -> int:
+        """Accelerator devices one replica needs (0 for CPU)."""
+        return 0 if self.type == "cpu" else self.count or 1
+
+
+CudaGraphMode = Literal["NONE", "PIECEWISE", "FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE"]
+
+
+class CudaGraphSpec(ApiModel):
+    """CUDA graph capture, passed to vLLM's --compilation-config and --cudagraph-capture-sizes."""
+
+    mode: CudaGraphMode | None = Field(None, description="cudagraph_mode of vLLM's compilation config.")
+    capture_sizes: list[Annotated[int, Field(ge=1, le=8192)]] | None = Field(
+        None,
+        description="Batch sizes to capture graphs for (--cudagraph-capture-sizes).",
+        min_length=1, max_length=128,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+
+
+EnvVarName = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")]
+
+
+class EnvVar(ApiModel):
+    """An environment variable of the engine container (same shape as a Pod's env entry)."""
+
+    name: EnvVarName = Field(description="Variable name.")
+    value: str | None = Field(None, description="Literal value.")
+    value_from: dict[str, Any] | None = Field(
+        None,
+        description="Source of the value (secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef), as in a Pod.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+
+DType = Literal["auto", "bfloat16", "float", "float16", "float32", "half"]
+KVCacheDType = Literal[
+    "auto", "bfloat16", "float16", "fp8", "fp8_ds_mla", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "fp8_per_token_head",
+    "int4_per_token_head", "int8_per_token_head", "nvfp4", "nvfp4_4over6", "nvfp4_ds_mla", "turboquant_3bit_nc",
+    "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_k8v4", "ultraquant_4bit",
+]
+
+
+class EngineSpec(ApiModel):
+    """vLLM engine settings. Unset fields keep vLLM's or the accelerator profile's default."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.maxNumBatchedTokens) || !has(self.maxNumSeqs) || self.maxNumBatchedTokens >= self.maxNumSeqs",
+                    "engine.maxNumBatchedTokens must be at least engine.maxNumSeqs",
+                    ".maxNumBatchedTokens",
+                ),
+            ]
+        }
+    )
+
+    image: str | None = Field(
+        None, description="Engine container image. Default: the accelerator profile's vLLM image.",
+        min_length=1, max_length=512, pattern=r"^[^\s]+$",
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        None, description="Image pull policy of the engine container. Default: IfNotPresent."
+    )
+    max_model_len: int | None = Field(
+        None, description="Context length in tokens (--max-model-len). Default: from the model config.", ge=16,
+        le=10_485_760,
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, description="Fraction of accelerator memory vLLM may use, in (0, 1] (--gpu-memory-utilization).",
+        gt=0, le=1,
+    )
+    max_num_seqs: int | None = Field(None, description="Most sequences in one batch (--max-num-seqs).", ge=1, le=65536)
+    max_num_batched_tokens: int | None = Field(
+        None, description="Most tokens in one batch (--max-num-batched-tokens).", ge=1, le=10_485_760
+    )
+    tensor_parallel_size: int | None = Field(
+        None,
+        description=(
+            "Tensor parallel degree (--tensor-parallel-size). Default: accelerator.count / pipelineParallelSize. "
+            "tensorParallelSize x pipelineParallelSize must equal accelerator.count."
+        ),
+        ge=1, le=64,
+    )
+    pipeline_parallel_size: int | None = Field(
+        None, description="Pipeline parallel degree (--pipeline-parallel-size). Default: 1.", ge=1, le=64
+    )
+    dtype: DType | None = Field(None, description="Weight and activation data type (--dtype). Default: auto.")
+    quantization: str | None = Field(
+        None, description="Quantization method of the weights, e.g. awq, gptq, fp8 (--quantization).",
+        min_length=1, max_length=64, pattern=r"^[a-z0-9_-]+$",
+    )
+    load_format: str | None = Field(
+        None, description="Weight file format, e.g. auto, safetensors, pt, gguf (--load-format).",
+        min_length=1, max_length=64, pattern=r"^[a-z0-9_-]+$",
+    )
+    kv_cache_dtype: KVCacheDType | None = Field(None, description="KV cache data type (--kv-cache-dtype).")
+    block_size: Literal[1, 8, 16, 32, 64, 128, 256] | None = Field(
+        None, description="KV cache block size in tokens (--block-size). Default: vLLM's, or 128 on Gaudi."
+    )
+    enable_prefix_caching: bool | None = Field(
+        None, description="Automatic prefix caching (--[no-]enable-prefix-caching). Default: vLLM's (on)."
+    )
+    enable_chunked_prefill: bool | None = Field(
+        None, description="Chunked prefill (--[no-]enable-chunked-prefill). Default: vLLM's."
+    )
+    enforce_eager: bool | None = Field(
+        None, description="Run eagerly without CUDA graphs (--enforce-eager); wins over cudaGraph."
+    )
+    cuda_graph: CudaGraphSpec | None = Field(None, description="CUDA graph capture settings; ignored when enforceEager.")
+    cpu_kv_cache_space_gi_b: int | None = Field(
+        None,
+        alias="cpuKVCacheSpaceGiB",
+        description="KV cache size in GiB for accelerator type cpu (VLLM_CPU_KVCACHE_SPACE). Default: 4.",
+        ge=1, le=4096,
+    )
+    extra_args: list[Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=list,
+        description=(
+            "Further vLLM server arguments, e.g. [\"--enable-auto-tool-choice\", \"--tool-call-parser=hermes\"]. "
+            "Flags must exist in the engine's vLLM version; flags the operator sets from other fields are refused."
+        ),
+        max_length=64,
+        json_schema_extra={
+            "x-kubernetes-list-type": "atomic",
+            "x-kubernetes-validations": [
+                cel(
+                    f"!self.exists(a, a.matches('{owned_flag_pattern()}'))",
+                    "engine.extraArgs must not set flags the operator derives from spec fields (--model, --port, "
+                    "--host, --api-key, --served-model-name, --tensor-parallel-size, ...): use the spec fields",
+                ),
+                *(
+                    cel(f"!self.exists(a, a == '{flag}' || a.startsWith('{flag}='))",
+                        f"engine.extraArgs: {flag} was removed from vLLM: {advice}")
+                    for flag, advice in REMOVED_FLAGS.items()
+                ),
+            ],
+        },
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        description="Extra environment variables of the engine container; they override the profile's.",
+        max_length=256,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+
+    @model_validator(mode="after")
+    def _check_engine(self) -> EngineSpec:
+        if errors := extra_args_errors(self.extra_args):
+            raise ValueError("engine.extraArgs: " + "; ".join(errors))
+        if (
+            self.max_num_batched_tokens is not None
+            and self.max_num_seqs is not None
+            and self.max_num_batched_tokens < self.max_num_seqs
+        ):
+            raise ValueError("engine.maxNumBatchedTokens must be at least engine.maxNumSeqs")
+        return self
+
+
+class CacheSpec(ApiModel):
+    """The Hugging Face model cache volume (HF_HOME), shared by the replicas."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.existingClaim) || (!has(self.size) && !has(self.storageClassName))",
+                    "cache.existingClaim uses a claim you manage; size and storageClassName apply only to the claim "
+                    "the operator creates",
+                ),
+            ]
+        }
+    )
+
+    enabled: bool = Field(True, description="Keep downloaded weights on a PersistentVolumeClaim. Default: true.")
+    size: Quantity | None = Field(None, description="Size of the claim the operator creates. Default: 50Gi.")
+    storage_class_name: str | None = Field(
+        None, description="StorageClass of the claim. Default: the cluster's default class.",
+        min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN,
+    )
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"] | None = Field(
+        None,
+        description="Access mode of the claim. Default: ReadWriteOnce; use ReadWriteMany for replicas on several nodes.",
+    )
+    existing_claim: str | None = Field(
+        None, description="Use this existing claim instead of creating one.",
+        min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN,
+    )
+    retain_on_delete: bool = Field(
+        True, description="Keep the created claim (and the downloaded weights) when the LLMDeployment is deleted."
+    )
+
+    @model_validator(mode="after")
+    def _check_claim(self) -> CacheSpec:
+        if self.existing_claim is not None and (self.size is not None or self.storage_class_name is not None):
+            raise ValueError(
+                "cache.existingClaim uses a claim you manage; size and storageClassName apply only to the claim "
+                "the operator creates"
+            )
+        return self
+
+
+class ServiceSpec(ApiModel):
+    """The Service in front of the replicas."""
+
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field("ClusterIP", description="Service type.")
+    port: int = Field(8000, description="Service port of the OpenAI-compatible API.", ge=1, le=65535)
+    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations of the Service.")
+
+
+class ResourceRequirements(ApiModel):
+    """CPU, memory and ephemeral storage of the engine container; accelerators come from spec.accelerator."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict, description="Requested resources, e.g. cpu: '8'.")
+    limits: dict[str, Quantity] = Field(default_factory=dict, description="Resource limits, e.g. memory: 64Gi.")
+
+
+class Toleration(ApiModel):
+    """A Pod toleration; added to the accelerator profile's tolerations."""
+
+    key: str | None = Field(None, description="Taint key; empty with operator Exists matches all taints.", max_length=317)
+    operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal. Default: Equal.")
+    value: str | None = Field(None, description="Taint value for operator Equal.", max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to match; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(
+        None, description="For NoExecute: how long the Pod stays bound after the taint appears.", ge=0
+    )
+
+
+class LocalObjectReference(ApiModel):
+    """A reference to an object in the same namespace."""
+
+    name: str = Field(description="Object name.", min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+
+
+class LLMDeploymentSpec(ApiModel):
+    """Desired state of an LLMDeployment."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.accelerator.type == 'cpu' || !has(self.engine) || !has(self.engine.tensorParallelSize) || "
+                    "self.engine.tensorParallelSize * (has(self.engine.pipelineParallelSize) ? "
+                    "self.engine.pipelineParallelSize : 1) == (has(self.accelerator.count) ? self.accelerator.count : 1)",
+                    "engine.tensorParallelSize x engine.pipelineParallelSize must equal accelerator.count "
+                    "(the accelerators of one replica)",
+                    ".engine.tensorParallelSize",
+                ),
+                cel(
+                    "self.accelerator.type == 'cpu' || !has(self.engine) || has(self.engine.tensorParallelSize) || "
+                    "!has(self.engine.pipelineParallelSize) || (has(self.accelerator.count) ? self.accelerator.count "
+                    ": 1) % self.engine.pipelineParallelSize == 0",
+                    "accelerator.count must be a multiple of engine.pipelineParallelSize",
+                    ".engine.pipelineParallelSize",
+                ),
+                cel(
+                    "self.accelerator.type in ['nvidia', 'amd'] || !has(self.engine) || !has(self.engine.cudaGraph)",
+                    "engine.cudaGraph applies to GPU accelerators (nvidia, amd)",
+                    ".engine.cudaGraph",
+                ),
+                cel(
+                    "self.accelerator.type == 'cpu' || !has(self.engine) || !has(self.engine.cpuKVCacheSpaceGiB)",
+                    "engine.cpuKVCacheSpaceGiB applies to accelerator type cpu only",
+                    ".engine.cpuKVCacheSpaceGiB",
+                ),
+            ]
+        }
+    )
+
+    model: ModelSpec = Field(description="The model to serve and how to load it.")
+    accelerator: AcceleratorSpec = Field(description="Accelerator kind and count per replica.")
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="vLLM engine settings.")
+    replicas: int = Field(1, description="Number of engine replicas. Default: 1.", ge=0, le=1000)
+    cache: CacheSpec = Field(default_factory=CacheSpec, description="Model cache volume.")
+    service: ServiceSpec = Field(default_factory=ServiceSpec, description="Service exposing the API.")
+    api_key_secret_ref: KeyRef | None = Field(
+        None, description="Secret key holding the API key clients must send as a bearer token (VLLM_API_KEY)."
+    )
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements, description="CPU and memory of the engine container."
+    )
+    shm_size: Quantity = Field("8Gi", description="Size of the in-memory /dev/shm volume. Default: 8Gi.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Extra node selector labels, merged with the accelerator profile's."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list,
+        description="Extra tolerations, added to the accelerator profile's.",
+        json_schema_extra={"x-kubernetes-list-type": "atomic"},
+    )
+    affinity: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Pod affinity rules, as in a Pod spec.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    pod_labels: dict[str, str] = Field(default_factory=dict, description="Extra labels of the engine Pods.")
+    pod_annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations of the engine Pods.")
+    priority_class_name: str | None = Field(
+        None, description="PriorityClass of the engine Pods.", min_length=1, max_length=253,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+    )
+    service_account_name: str | None = Field(
+        None, description="ServiceAccount of the engine Pods. Default: the namespace's default.",
+        min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN,
+    )
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        default_factory=list, description="Secrets for pulling the engine image from a private registry."
+    )
+
+    @model_validator(mode="after")
+    def _check_parallelism(self) -> LLMDeploymentSpec:
+        devices = self.accelerator.devices
+        tp, pp = self.engine.tensor_parallel_size, self.engine.pipeline_parallel_size or 1
+        if self.accelerator.type != "cpu":
+            if tp is not None and tp * pp != devices:
+                raise ValueError(
+                    "engine.tensorParallelSize x engine.pipelineParallelSize must equal accelerator.count "
+                    f"(the accelerators of one replica): {tp} x {pp} != {devices}"
+                )
+            if tp is None and devices % pp:
+                raise ValueError("accelerator.count must be a multiple of engine.pipelineParallelSize")
+        if self.accelerator.type not in ("nvidia", "amd") and self.engine.cuda_graph is not None:
+            raise ValueError("engine.cudaGraph applies to GPU accelerators (nvidia, amd)")
+        if self.accelerator.type != "cpu" and self.engine.cpu_kv_cache_space_gi_b is not None:
+            raise ValueError("engine.cpuKVCacheSpaceGiB applies to accelerator type cpu only")
+        return self
+
+
+Phase = Literal["Pending", "Loading", "Ready", "Degraded", "Failed"]
+
+
+class Condition(ApiModel):
+    """A Kubernetes-style condition."""
+
+    type: str = Field(description="Condition type: Ready, Progressing, Degraded or Unschedulable.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="One CamelCase word that says why.")
+    message: str = Field(description="What happened, for a person.")
+    observed_generation: int | None = Field(None, description="The metadata.generation this condition is about.")
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).")
+
+
+class LLMDeploymentStatus(ApiModel):
+    """Observed state of an LLMDeployment, written by the operator."""
+
+    phase: Phase | None = Field(None, description="Pending, Loading, Ready, Degraded or Failed.")
+    replicas: int | None = Field(None, description="Engine Pods that exist.")
+    ready_replicas: int | None = Field(None, description="Engine Pods that are Ready.")
+    ready: str | None = Field(None, description="Ready replicas / desired replicas, for kubectl get.")
+    selector: str | None = Field(None, description="Label selector of the engine Pods (for the scale subresource).")
+    observed_generation: int | None = Field(None, description="The metadata.generation the status describes.")
+    endpoint: str | None = Field(None, description="In-cluster base URL of the OpenAI-compatible API.")
+    model: str | None = Field(None, description="Model name clients use in API requests.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Ready, Progressing, Degraded and Unschedulable conditions.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    engine: EngineStats | None = Field(None, description="Live engine load from the replicas' /metrics.")
+
+
+def parse_model_source(name: str) -> tuple[str, str, str]:
+    """Split spec.model.name into (kind, claim, path) where kind is hf, pvc or file.
+
+    Raises ValueError with a message for the user when the name fits none of them.
+    """
+    if name.startswith("pvc://"):
+        if not re.match(PVC_MODEL_PATTERN, name):
+            raise ValueError("model.name pvc://<claim>/<path> needs a claim name (lowercase letters, digits and '-')")
+        claim, _, path = name[len("pvc://"):].partition("/")
+        return "pvc", claim, path
+    if name.startswith("file:///"):
+        return "file", "", name[len("file://"):]
+    if "://" in name or not re.match(HF_REPO_ID_PATTERN, name):
+        raise ValueError(
+            "model.name must be a Hugging Face repo id (org/name), pvc://<claim>/<path> or file:///<absolute path>"
+        )
+    return "hf", "", name

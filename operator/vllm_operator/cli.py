@@ -1,0 +1,113 @@
+"""The ``vllm-operator`` command: ``run`` the operator, or print/write the CRDs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _positive(kind: type) -> object:
+    def parse(text: str) -> object:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0..65535 (0 turns it off), got {text}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-operator", description="Serve LLMs on Kubernetes with vLLM.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the operator against the current cluster")
+    scope = run.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=[], dest="namespaces",
+                       help="watch this namespace (repeat for several); default: all namespaces")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (the default)")
+    run.add_argument("--kubeconfig", help="kubeconfig file; default: in-cluster config, then $KUBECONFIG")
+    run.add_argument("--metrics-port", type=_port, default=8080, help="port of the operator's /metrics (0: off)")
+    run.add_argument("--health-port", type=_port, default=8081, help="port of the /healthz liveness endpoint (0: off)")
+    run.add_argument("--log-format", choices=("json", "text"), default="json", help="log line format")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    run.add_argument("--workers", type=_positive(int), default=8, help="LLMDeployments reconciled at once")
+    run.add_argument("--scrape-interval", type=_positive(float), default=15.0,
+                     help="seconds between scrapes of the engines' /metrics")
+    run.add_argument("--scrape-timeout", type=_positive(float), default=5.0, help="seconds one scrape may take")
+    run.add_argument("--scrape-concurrency", type=_positive(int), default=64, help="engines scraped in parallel")
+    run.add_argument("--peering", default=None,
+                     help="kopf peering name: with several operator replicas only one is active (default: standalone)")
+    run.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+
+    crds = commands.add_parser("crds", help="print the CustomResourceDefinitions")
+    crds.add_argument("--write", action="store_true", help="write them to crds/ and the Helm chart instead")
+    crds.add_argument("--root", type=Path, default=Path.cwd(), help="repository root for --write")
+    return parser
+
+
+def _configure_logging(fmt: str, level: str) -> None:
+    from vllm_operator.observability import JsonFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # kopf logs every watch event at debug level; keep its info and above.
+    logging.getLogger("kopf").setLevel(max(logging.INFO, logging.getLevelName(level.upper())))
+
+
+def _run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import kopf
+
+    from vllm_operator import handlers
+
+    _configure_logging(args.log_format, args.log_level)
+    handlers.OPTIONS.kubeconfig = args.kubeconfig
+    handlers.OPTIONS.metrics_port = args.metrics_port
+    handlers.OPTIONS.workers = args.workers
+    handlers.OPTIONS.scrape_interval = args.scrape_interval
+    handlers.OPTIONS.scrape_timeout = args.scrape_timeout
+    handlers.OPTIONS.scrape_concurrency = args.scrape_concurrency
+    if args.kubeconfig:
+        import os
+
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    kopf.run(
+        namespaces=args.namespaces or None,
+        clusterwide=not args.namespaces,
+        standalone=args.peering is None,
+        peering_name=args.peering or "default",
+        priority=args.priority,
+        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+        loop=asyncio.new_event_loop(),
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "crds":
+        from vllm_operator import crd
+
+        if args.write:
+            for path in crd.write(args.root):
+                print(f"wrote {path}")
+        else:
+            sys.stdout.write(crd.render())
+        return 0
+    return _run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

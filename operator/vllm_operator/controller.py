@@ -1,0 +1,255 @@
+"""The level-based reconciler: an in-memory view of the cluster, a work queue, and one reconcile.
+
+kopf's watches feed ``Controller.observe``; every change enqueues the owning LLMDeployment, and a
+worker compares what should exist with what does, writing only the difference. An idle
+LLMDeployment therefore costs no API writes at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import ValidationError
+
+from vllm_operator import observability
+from vllm_operator.api import LLMDeploymentSpec
+from vllm_operator.drift import matches
+from vllm_operator.engine_args import ENGINE_PORT, served_model_name
+from vllm_operator.engine_metrics import EngineStats
+from vllm_operator.kube import Kube, KubeError
+from vllm_operator.manifests import SELECTOR_LABEL, Owner, children, endpoint
+from vllm_operator.status import Observation, compute_status, status_changed, status_events
+
+log = logging.getLogger("vllm_operator.controller")
+
+Key = tuple[str, str]  # (namespace, name)
+CHILD_KINDS = ("PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget")
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """pydantic's errors as one line a person can act on: 'spec.engine.maxNumSeqs: ...'."""
+    parts = []
+    for item in error.errors():
+        location = ".".join(str(p) for p in ("spec", *item["loc"]))
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{location}: {message}")
+    return "; ".join(parts)
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class WorkQueue:
+    """Deduplicating queue: a key waits at most once, and never runs twice at the same time."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Key] = asyncio.Queue()
+        self._waiting: set[Key] = set()
+        self._running: set[Key] = set()
+        self._again: set[Key] = set()
+
+    def add(self, key: Key) -> None:
+        if key in self._running:
+            self._again.add(key)
+        elif key not in self._waiting:
+            self._waiting.add(key)
+            self._queue.put_nowait(key)
+
+    async def get(self) -> Key:
+        key = await self._queue.get()
+        self._waiting.discard(key)
+        self._running.add(key)
+        return key
+
+    def done(self, key: Key) -> None:
+        self._running.discard(key)
+        if key in self._again:
+            self._again.discard(key)
+            self.add(key)
+
+    def __len__(self) -> int:
+        return len(self._waiting) + len(self._running)
+
+
+@dataclass
+class EngineView:
+    stats: EngineStats | None = None
+    unhealthy: dict[str, str] = field(default_factory=dict)
+
+
+class Controller:
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+        self.queue = WorkQueue()
+        self.resources: dict[Key, dict[str, Any]] = {}
+        self.children: dict[Key, dict[str, dict[str, Any]]] = {}
+        self.pods: dict[Key, dict[str, dict[str, Any]]] = {}
+        self.engines: dict[Key, EngineView] = {}
+        # Errors of the last apply per resource, shown in its status until an apply succeeds.
+        self.apply_errors: dict[Key, list[str]] = {}
+        self._statuses: dict[Key, dict[str, Any]] = {}
+
+    # -- watch events -------------------------------------------------------------------------
+
+    def observe_resource(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        if event_type == "DELETED":
+            for store in (self.resources, self.children, self.pods, self.engines, self.apply_errors, self._statuses):
+                store.pop(key, None)
+            observability.set_phase(key, None)
+            return
+        self.resources[key] = dict(body)
+        self.queue.add(key)
+
+    def observe_child(self, kind: str, event_type: str | None, body: Mapping[str, Any]) -> None:
+        meta = body["metadata"]
+        owner = (meta.get("labels") or {}).get(SELECTOR_LABEL)
+        if owner is None:
+            return
+        key = (meta["namespace"], owner)
+        store = self.pods if kind == "Pod" else self.children
+        slot = meta["name"] if kind == "Pod" else kind
+        if event_type == "DELETED":
+            store.get(key, {}).pop(slot, None)
+        else:
+            store.setdefault(key, {})[slot] = dict(body)
+        if key in self.resources:
+            self.queue.add(key)
+
+    # -- reconcile ----------------------------------------------------------------------------
+
+    async def run_workers(self, count: int) -> None:
+        await asyncio.gather(*(self._worker() for _ in range(count)))
+
+    async def _worker(self) -> None:
+        while True:
+            key = await self.queue.get()
+            started, result = time.monotonic(), "success"
+            try:
+                await self.reconcile(key)
+            except Exception:  # a bug or an outage must not stop the other LLMDeployments
+                result = "error"
+                log.exception("reconcile failed", extra={"namespace": key[0], "name": key[1]})
+                asyncio.get_running_loop().call_later(5, self.queue.add, key)
+            finally:
+                self.queue.done(key)
+                observability.record_reconcile(result, time.monotonic() - started)
+
+    async def reconcile(self, key: Key) -> None:
+        body = self.resources.get(key)
+        if body is None:
+            return
+        meta = body["metadata"]
+        owner = Owner(meta["name"], meta["namespace"], meta["uid"])
+        try:
+            spec = LLMDeploymentSpec.model_validate(body.get("spec") or {})
+        except ValidationError as error:
+            await self._write_status(key, body, Observation(
+                meta["name"], meta["namespace"], meta.get("generation", 0), 0, spec_error=describe_validation_error(error),
+            ))
+            return
+        await self._sync_children(key, body, spec, owner)
+        view = self.engines.get(key, EngineView())
+        observation = Observation(
+            name=owner.name,
+            namespace=owner.namespace,
+            generation=meta.get("generation", 0),
+            desired_replicas=spec.replicas,
+            endpoint=endpoint(spec, owner),
+            served_model=served_model_name(spec, owner.name),
+            selector=f"{SELECTOR_LABEL}={owner.name}",
+            deployment=self.children.get(key, {}).get("Deployment"),
+            pods=list(self.pods.get(key, {}).values()),
+            engine=view.stats,
+            unhealthy=view.unhealthy,
+            apply_errors=tuple(self.apply_errors.get(key, ())),
+        )
+        await self._write_status(key, body, observation)
+
+    async def _sync_children(self, key: Key, body: Mapping[str, Any], spec: LLMDeploymentSpec, owner: Owner) -> None:
+        live = self.children.get(key, {})
+        errors = []
+        for kind, manifest in children(spec, owner).items():
+            current = live.get(kind)
+            if manifest is None:
+                # A claim is never deleted here: it may hold the user's downloaded weights.
+                if current is not None and kind != "PersistentVolumeClaim" and _owned_by(current, owner):
+                    await self.kube.delete(kind, owner.namespace, current["metadata"]["name"])
+                    observability.record_write("delete", kind)
+                continue
+            if current is not None and matches(manifest, current):
+                continue
+            try:
+                applied = await self.kube.apply(manifest)
+            except KubeError as exc:
+                errors.append(f"applying {kind} {manifest['metadata']['name']} failed: {exc}")
+                continue
+            observability.record_write("apply", kind)
+            self.children.setdefault(key, {})[kind] = applied
+            verb = "created" if current is None else "updated"
+            log.info(f"{kind} {verb}", extra={"namespace": owner.namespace, "name": owner.name})
+            await self._event(body, "Normal", f"{kind}{verb.capitalize()}", f"{kind} {manifest['metadata']['name']} {verb}")
+        if errors:
+            self.apply_errors[key] = errors
+        else:
+            self.apply_errors.pop(key, None)
+
+    async def _write_status(self, key: Key, body: Mapping[str, Any], observation: Observation) -> None:
+        previous = self._statuses.get(key) or body.get("status") or {}
+        status = compute_status(observation, previous, now_rfc3339())
+        if not status_changed(previous, status):
+            return
+        await self.kube.apply_status(key[0], key[1], status)
+        observability.record_write("apply", "LLMDeployment/status")
+        self._statuses[key] = status
+        observability.set_phase(key, status.get("phase"))
+        for type_, reason, message in status_events(previous, status):
+            await self._event(body, type_, reason, message)
+
+    async def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        try:
+            await self.kube.post_event(body, type_, reason, message)
+        except KubeError as exc:
+            log.warning(f"event not recorded: {exc}")
+
+    # -- engine metrics -------------------------------------------------------------------------
+
+    def scrape_targets(self) -> dict[Key, dict[str, str]]:
+        """Base URLs of every Ready engine Pod, by LLMDeployment."""
+        targets: dict[Key, dict[str, str]] = {}
+        for key, pods in self.pods.items():
+            for name, pod in pods.items():
+                ip = (pod.get("status") or {}).get("podIP")
+                running = (pod.get("status") or {}).get("phase") == "Running"
+                if ip and running and not pod["metadata"].get("deletionTimestamp") and _started(pod):
+                    targets.setdefault(key, {})[name] = f"http://{_host(ip)}:{ENGINE_PORT}"
+        return targets
+
+    def update_engine(self, key: Key, stats: EngineStats | None, unhealthy: dict[str, str]) -> None:
+        view = self.engines.setdefault(key, EngineView())
+        if view.stats != stats or view.unhealthy != unhealthy:
+            view.stats, view.unhealthy = stats, unhealthy
+            if key in self.resources:
+                self.queue.add(key)
+
+
+def _owned_by(obj: Mapping[str, Any], owner: Owner) -> bool:
+    return any(ref.get("uid") == owner.uid for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+def _started(pod: Mapping[str, Any]) -> bool:
+    # Only engines past their startup probe serve /metrics; earlier scrapes would just fail.
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return bool(statuses) and all(s.get("started") for s in statuses)
+
+
+def _host(ip: str) -> str:
+    return f"[{ip}]" if ":" in ip else ip

@@ -1,0 +1,142 @@
+"""Where spec fields become the vLLM server's command line and environment.
+
+Pure functions: an LLMDeployment spec in, container command/args/env out. Every flag emitted here
+exists in the server of ``vllm_flags.VLLM_VERSION`` (``tests/test_engine_args.py`` walks many specs
+to hold that true).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from vllm_operator.api import KeyRef, LLMDeploymentSpec, parse_model_source
+from vllm_operator.profiles import CPU_KV_CACHE_SPACE_GIB_DEFAULT, AcceleratorProfile, profile_for
+
+ENGINE_PORT = 8000
+ENGINE_COMMAND = ("python3", "-m", "vllm.entrypoints.openai.api_server")
+CACHE_MOUNT = "/cache"
+MODEL_MOUNT = "/models"
+CHAT_TEMPLATE_MOUNT = "/etc/vllm/chat-template"
+HF_HOME = f"{CACHE_MOUNT}/huggingface"
+# The torch.compile cache lives on the cache volume so restarts skip most compilation.
+VLLM_CACHE_ROOT = f"{CACHE_MOUNT}/vllm"
+
+
+@dataclass(frozen=True)
+class EngineContainer:
+    command: tuple[str, ...]
+    args: tuple[str, ...]
+    env: tuple[dict, ...]
+
+
+def served_model_name(spec: LLMDeploymentSpec, name: str) -> str:
+    return spec.model.served_name or name
+
+
+def model_argument(spec: LLMDeploymentSpec) -> str:
+    """What --model gets: a repo id, or the path the weights are mounted at."""
+    kind, _claim, path = parse_model_source(spec.model.name)
+    if kind == "pvc":
+        return f"{MODEL_MOUNT}/{path}".rstrip("/")
+    return path
+
+
+def tensor_parallel_size(spec: LLMDeploymentSpec) -> int:
+    pp = spec.engine.pipeline_parallel_size or 1
+    return spec.engine.tensor_parallel_size or max(spec.accelerator.devices // pp, 1)
+
+
+def _flag(name: str, value: object) -> list[str]:
+    return [] if value is None else [name, str(value)]
+
+
+def _toggle(name: str, value: bool | None) -> list[str]:
+    if value is None:
+        return []
+    return [f"--{name}" if value else f"--no-{name}"]
+
+
+def _graph_args(spec: LLMDeploymentSpec, profile: AcceleratorProfile) -> list[str]:
+    engine = spec.engine
+    if engine.enforce_eager:
+        return ["--enforce-eager"]
+    if engine.cuda_graph is None or not profile.graph_capture:
+        return []
+    args = []
+    if engine.cuda_graph.mode is not None:
+        args += ["--compilation-config", json.dumps({"cudagraph_mode": engine.cuda_graph.mode}, separators=(",", ":"))]
+    if engine.cuda_graph.capture_sizes:
+        args += ["--cudagraph-capture-sizes", *map(str, engine.cuda_graph.capture_sizes)]
+    return args
+
+
+def engine_args(spec: LLMDeploymentSpec, name: str) -> list[str]:
+    """The vLLM server arguments for an LLMDeployment called ``name``."""
+    profile = profile_for(spec.accelerator.type)
+    model, engine = spec.model, spec.engine
+    args = [
+        "--model", model_argument(spec),
+        "--served-model-name", served_model_name(spec, name),
+        "--host", "0.0.0.0",
+        "--port", str(ENGINE_PORT),
+    ]
+    args += _flag("--revision", model.revision)
+    args += _flag("--tokenizer", model.tokenizer)
+    if model.trust_remote_code:
+        args.append("--trust-remote-code")
+    if model.chat_template_config_map_ref is not None:
+        args += ["--chat-template", f"{CHAT_TEMPLATE_MOUNT}/{model.chat_template_config_map_ref.key}"]
+    args += _flag("--chat-template", model.chat_template)
+    args += _flag("--max-model-len", engine.max_model_len)
+    args += _flag("--gpu-memory-utilization", engine.gpu_memory_utilization)
+    args += _flag("--max-num-seqs", engine.max_num_seqs)
+    args += _flag("--max-num-batched-tokens", engine.max_num_batched_tokens)
+    if profile.resource_name is not None:
+        args += ["--tensor-parallel-size", str(tensor_parallel_size(spec))]
+    if (engine.pipeline_parallel_size or 1) > 1:
+        args += ["--pipeline-parallel-size", str(engine.pipeline_parallel_size)]
+    args += _flag("--dtype", engine.dtype)
+    args += _flag("--quantization", engine.quantization)
+    args += _flag("--load-format", engine.load_format)
+    args += _flag("--kv-cache-dtype", engine.kv_cache_dtype)
+    args += _flag("--block-size", engine.block_size or profile.default_block_size)
+    args += _toggle("enable-prefix-caching", engine.enable_prefix_caching)
+    args += _toggle("enable-chunked-prefill", engine.enable_chunked_prefill)
+    args += _graph_args(spec, profile)
+    return args + list(engine.extra_args)
+
+
+def _secret_env(name: str, ref: KeyRef) -> dict:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
+def engine_env(spec: LLMDeploymentSpec) -> list[dict]:
+    """Environment of the engine container; spec.engine.env entries win over the operator's."""
+    profile = profile_for(spec.accelerator.type)
+    env: dict[str, dict] = {}
+
+    def put(name: str, value: str) -> None:
+        env[name] = {"name": name, "value": value}
+
+    put("HF_HOME", HF_HOME)
+    put("VLLM_CACHE_ROOT", VLLM_CACHE_ROOT)
+    put("VLLM_NO_USAGE_STATS", "1")
+    put("DO_NOT_TRACK", "1")
+    if parse_model_source(spec.model.name)[0] != "hf":
+        put("HF_HUB_OFFLINE", "1")
+    for key, value in profile.env.items():
+        put(key, value)
+    if spec.accelerator.type == "cpu":
+        put("VLLM_CPU_KVCACHE_SPACE", str(spec.engine.cpu_kv_cache_space_gi_b or CPU_KV_CACHE_SPACE_GIB_DEFAULT))
+    if spec.model.hf_token_secret_ref is not None:
+        env["HF_TOKEN"] = _secret_env("HF_TOKEN", spec.model.hf_token_secret_ref)
+    if spec.api_key_secret_ref is not None:
+        env["VLLM_API_KEY"] = _secret_env("VLLM_API_KEY", spec.api_key_secret_ref)
+    for var in spec.engine.env:
+        env[var.name] = var.model_dump(by_alias=True, exclude_none=True)
+    return list(env.values())
+
+
+def engine_container(spec: LLMDeploymentSpec, name: str) -> EngineContainer:
+    return EngineContainer(ENGINE_COMMAND, tuple(engine_args(spec, name)), tuple(engine_env(spec)))

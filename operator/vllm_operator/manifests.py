@@ -1,0 +1,260 @@
+"""Pure builders of the objects an LLMDeployment owns: Deployment, Service, cache PVC and PDB."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_operator import api
+from vllm_operator.api import LLMDeploymentSpec, parse_model_source
+from vllm_operator.engine_args import (
+    CACHE_MOUNT,
+    CHAT_TEMPLATE_MOUNT,
+    ENGINE_PORT,
+    MODEL_MOUNT,
+    engine_container,
+)
+from vllm_operator.profiles import profile_for
+
+Manifest = dict[str, Any]
+
+SELECTOR_LABEL = f"{api.GROUP}/llmdeployment"
+MANAGED_BY = "vllm-operator"
+DEFAULT_CACHE_SIZE = "50Gi"
+# Loading a large model (download + weights + compile) can take tens of minutes.
+STARTUP_PROBE_BUDGET_SECONDS = 40 * 60
+STARTUP_PROBE_PERIOD_SECONDS = 10
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The LLMDeployment the children belong to."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    @property
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": f"{api.GROUP}/{api.VERSION}",
+            "kind": api.KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {SELECTOR_LABEL: name}
+
+
+def common_labels(name: str, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "vllm",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        **selector_labels(name),
+    }
+
+
+def cache_claim_name(owner_name: str) -> str:
+    return f"{owner_name}-cache"
+
+
+def _metadata(owner: Owner, name: str, component: str, owned: bool = True) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": owner.namespace, "labels": common_labels(owner.name, component)}
+    if owned:
+        meta["ownerReferences"] = [owner.reference]
+    return meta
+
+
+def _resources(spec: LLMDeploymentSpec) -> dict[str, Any]:
+    requests = {k: str(v) for k, v in spec.resources.requests.items()}
+    limits = {k: str(v) for k, v in spec.resources.limits.items()}
+    resource_name = profile_for(spec.accelerator.type).resource_name
+    if resource_name is not None:
+        # Extended resources must have requests equal to limits.
+        requests[resource_name] = limits[resource_name] = str(spec.accelerator.devices)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _volumes(spec: LLMDeploymentSpec, owner: Owner) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    cache_claim = spec.cache.existing_claim or cache_claim_name(owner.name)
+    volumes: list[dict[str, Any]] = [
+        {"name": "cache", "persistentVolumeClaim": {"claimName": cache_claim}}
+        if spec.cache.enabled
+        else {"name": "cache", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.shm_size)}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "cache", "mountPath": CACHE_MOUNT},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    kind, claim, _path = parse_model_source(spec.model.name)
+    if kind == "pvc":
+        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+    template_ref = spec.model.chat_template_config_map_ref
+    if template_ref is not None:
+        volumes.append({
+            "name": "chat-template",
+            "configMap": {"name": template_ref.name, "items": [{"key": template_ref.key, "path": template_ref.key}]},
+        })
+        mounts.append({"name": "chat-template", "mountPath": CHAT_TEMPLATE_MOUNT, "readOnly": True})
+    return volumes, mounts
+
+
+def _probe(period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": "/health", "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 5,
+        "failureThreshold": failures,
+    }
+
+
+def _engine_container(spec: LLMDeploymentSpec, owner: Owner, mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    profile = profile_for(spec.accelerator.type)
+    engine = engine_container(spec, owner.name)
+    container: dict[str, Any] = {
+        "name": "vllm",
+        "image": spec.engine.image or profile.image,
+        "imagePullPolicy": spec.engine.image_pull_policy or "IfNotPresent",
+        "command": list(engine.command),
+        "args": list(engine.args),
+        "env": list(engine.env),
+        "ports": [{"name": "http", "containerPort": ENGINE_PORT, "protocol": "TCP"}],
+        "volumeMounts": mounts,
+        # Liveness and readiness only start once the startup probe passed, so a loading engine is never killed.
+        "startupProbe": _probe(STARTUP_PROBE_PERIOD_SECONDS, STARTUP_PROBE_BUDGET_SECONDS // STARTUP_PROBE_PERIOD_SECONDS),
+        "readinessProbe": _probe(5, 3),
+        "livenessProbe": _probe(15, 4),
+    }
+    resources = _resources(spec)
+    if resources:
+        container["resources"] = resources
+    if profile.capabilities:
+        container["securityContext"] = {"capabilities": {"add": list(profile.capabilities)}}
+    return container
+
+
+def _node_selector(spec: LLMDeploymentSpec) -> dict[str, str]:
+    profile = profile_for(spec.accelerator.type)
+    selector = dict(profile.node_selector)
+    if spec.accelerator.product is not None and profile.product_label is not None:
+        selector[profile.product_label] = spec.accelerator.product
+    selector.update(spec.node_selector)
+    return selector
+
+
+def deployment(spec: LLMDeploymentSpec, owner: Owner) -> Manifest:
+    profile = profile_for(spec.accelerator.type)
+    volumes, mounts = _volumes(spec, owner)
+    pod_spec: dict[str, Any] = {
+        "containers": [_engine_container(spec, owner, mounts)],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": 60,
+        "enableServiceLinks": False,
+    }
+    if node_selector := _node_selector(spec):
+        pod_spec["nodeSelector"] = node_selector
+    tolerations = [dict(t) for t in profile.tolerations] + [
+        t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations
+    ]
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if spec.affinity:
+        pod_spec["affinity"] = spec.affinity
+    if spec.priority_class_name:
+        pod_spec["priorityClassName"] = spec.priority_class_name
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    if spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
+    # Scarce devices: replace a replica in place rather than asking for more accelerators than replicas hold.
+    strategy = (
+        {"maxSurge": 0, "maxUnavailable": 1} if profile.scarce else {"maxSurge": "25%", "maxUnavailable": 0}
+    )
+    template_meta: dict[str, Any] = {"labels": {**spec.pod_labels, **common_labels(owner.name, "engine")}}
+    if spec.pod_annotations:
+        template_meta["annotations"] = dict(spec.pod_annotations)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(owner, owner.name, "engine"),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector_labels(owner.name)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": strategy},
+            "template": {"metadata": template_meta, "spec": pod_spec},
+        },
+    }
+
+
+def service(spec: LLMDeploymentSpec, owner: Owner) -> Manifest:
+    metadata = _metadata(owner, owner.name, "api")
+    if spec.service.annotations:
+        metadata["annotations"] = dict(spec.service.annotations)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata,
+        "spec": {
+            "type": spec.service.type,
+            "selector": selector_labels(owner.name),
+            "ports": [{"name": "http", "port": spec.service.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def cache_claim(spec: LLMDeploymentSpec, owner: Owner) -> Manifest | None:
+    """The model cache PVC the operator creates; None when disabled or the user brings a claim."""
+    cache = spec.cache
+    if not cache.enabled or cache.existing_claim:
+        return None
+    claim_spec: dict[str, Any] = {
+        "accessModes": [cache.access_mode or "ReadWriteOnce"],
+        "resources": {"requests": {"storage": str(cache.size or DEFAULT_CACHE_SIZE)}},
+    }
+    if cache.storage_class_name:
+        claim_spec["storageClassName"] = cache.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        # Without an owner reference the garbage collector leaves the weights alone.
+        "metadata": _metadata(owner, cache_claim_name(owner.name), "model-cache", owned=not cache.retain_on_delete),
+        "spec": claim_spec,
+    }
+
+
+def disruption_budget(spec: LLMDeploymentSpec, owner: Owner) -> Manifest | None:
+    if spec.replicas < 2:
+        return None
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(owner, owner.name, "engine"),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(owner.name)}},
+    }
+
+
+def endpoint(spec: LLMDeploymentSpec, owner: Owner) -> str:
+    return f"http://{owner.name}.{owner.namespace}.svc.cluster.local:{spec.service.port}/v1"
+
+
+def children(spec: LLMDeploymentSpec, owner: Owner) -> dict[str, Manifest | None]:
+    """Every child by kind; None means the kind must not exist for this spec."""
+    return {
+        "PersistentVolumeClaim": cache_claim(spec, owner),
+        "Deployment": deployment(spec, owner),
+        "Service": service(spec, owner),
+        "PodDisruptionBudget": disruption_budget(spec, owner),
+    }

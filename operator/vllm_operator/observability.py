@@ -1,0 +1,61 @@
+"""The operator's own Prometheus metrics and structured logging."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter as Tally
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RECONCILES = Counter("vllm_operator_reconcile_total", "Reconciles of LLMDeployments by result.", ["result"])
+RECONCILE_SECONDS = Histogram(
+    "vllm_operator_reconcile_duration_seconds", "Time one reconcile took, by result.", ["result"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+API_WRITES = Counter("vllm_operator_api_writes_total", "Writes the operator sent to the apiserver.", ["verb", "kind"])
+SCRAPE_SECONDS = Histogram(
+    "vllm_operator_scrape_sweep_duration_seconds", "Time to scrape every engine once.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
+SCRAPE_FAILURES = Counter("vllm_operator_scrape_failures_total", "Engine /metrics or /health requests that failed.")
+PHASES = Gauge("vllm_operator_llmdeployments", "LLMDeployments by phase.", ["phase"])
+
+_phases: dict[tuple[str, str], str] = {}
+
+
+def record_reconcile(result: str, seconds: float) -> None:
+    RECONCILES.labels(result).inc()
+    RECONCILE_SECONDS.labels(result).observe(seconds)
+
+
+def record_write(verb: str, kind: str) -> None:
+    API_WRITES.labels(verb, kind).inc()
+
+
+def set_phase(key: tuple[str, str], phase: str | None) -> None:
+    if phase is None:
+        _phases.pop(key, None)
+    else:
+        _phases[key] = phase
+    counts = Tally(_phases.values())
+    for name in ("Pending", "Loading", "Ready", "Degraded", "Failed"):
+        PHASES.labels(name).set(counts.get(name, 0))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the namespace/name of the object when the record has them."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for attr in ("namespace", "name"):
+            if hasattr(record, attr):
+                entry[attr] = getattr(record, attr)
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry)

@@ -1,0 +1,84 @@
+"""Accelerator profiles: everything that differs between NVIDIA, AMD, Intel Gaudi and CPU nodes.
+
+Adding a backend means adding one profile here (and its tests); the manifest and argument
+builders read nothing accelerator-specific from anywhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+from vllm_operator.vllm_flags import VLLM_VERSION
+
+
+@dataclass(frozen=True)
+class AcceleratorProfile:
+    type: str
+    image: str
+    # Extended resource the device plugin advertises; None for CPU.
+    resource_name: str | None
+    # Node label that identifies the GPU model, used for spec.accelerator.product.
+    product_label: str | None = None
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Mapping[str, str], ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    capabilities: tuple[str, ...] = ()
+    # Engine defaults that differ from vLLM's own on this hardware.
+    default_block_size: int | None = None
+    # CUDA/HIP graph capture exists on this backend (spec.engine.cudaGraph applies).
+    graph_capture: bool = False
+    # Devices are scarce: a rollout never asks for more than the replicas already hold.
+    scarce: bool = True
+
+
+def _tolerate(key: str) -> tuple[Mapping[str, str], ...]:
+    return (MappingProxyType({"key": key, "operator": "Exists", "effect": "NoSchedule"}),)
+
+
+PROFILES: Mapping[str, AcceleratorProfile] = MappingProxyType({
+    "nvidia": AcceleratorProfile(
+        type="nvidia",
+        image=f"vllm/vllm-openai:v{VLLM_VERSION}",
+        resource_name="nvidia.com/gpu",
+        product_label="nvidia.com/gpu.product",
+        tolerations=_tolerate("nvidia.com/gpu"),
+        graph_capture=True,
+    ),
+    "amd": AcceleratorProfile(
+        type="amd",
+        image=f"vllm/vllm-openai-rocm:v{VLLM_VERSION}",
+        resource_name="amd.com/gpu",
+        product_label="amd.com/gpu.product-name",
+        tolerations=_tolerate("amd.com/gpu"),
+        graph_capture=True,
+    ),
+    "gaudi": AcceleratorProfile(
+        type="gaudi",
+        image="opea/vllm-gaudi:1.4",
+        resource_name="habana.ai/gaudi",
+        tolerations=_tolerate("habana.ai/gaudi"),
+        env=MappingProxyType({
+            "HABANA_VISIBLE_DEVICES": "all",
+            "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
+            # Tensor parallel collectives on HPU need lazy collectives enabled.
+            "PT_HPU_ENABLE_LAZY_COLLECTIVES": "true",
+        }),
+        # The Gaudi runtime pins its threads, which needs SYS_NICE.
+        capabilities=("SYS_NICE",),
+        default_block_size=128,
+    ),
+    "cpu": AcceleratorProfile(
+        type="cpu",
+        image=f"public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:v{VLLM_VERSION}",
+        resource_name=None,
+        scarce=False,
+    ),
+})
+
+CPU_KV_CACHE_SPACE_GIB_DEFAULT = 4
+
+
+def profile_for(accelerator_type: str) -> AcceleratorProfile:
+    return PROFILES[accelerator_type]

@@ -1,0 +1,217 @@
+"""Pure status computation: what the cluster shows in, phase, conditions and events out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm_operator.engine_metrics import EngineStats
+
+# Waiting reasons a person must act on: the engine will not come up by itself.
+BLOCKING_WAIT_REASONS = {
+    "ImagePullBackOff": "ImagePullFailed",
+    "ErrImagePull": "ImagePullFailed",
+    "InvalidImageName": "ImagePullFailed",
+    "CreateContainerConfigError": "ContainerConfigError",
+    "CreateContainerError": "ContainerConfigError",
+    "CrashLoopBackOff": "EngineCrashLooping",
+}
+MAX_MESSAGE = 1024
+
+
+@dataclass(frozen=True)
+class Problem:
+    pod: str
+    reason: str
+    message: str
+    blocking: bool = False
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the operator knows about one LLMDeployment at one moment."""
+
+    name: str
+    namespace: str
+    generation: int
+    desired_replicas: int
+    spec_error: str | None = None
+    endpoint: str | None = None
+    served_model: str | None = None
+    selector: str | None = None
+    deployment: Mapping[str, Any] | None = None
+    pods: Sequence[Mapping[str, Any]] = ()
+    engine: EngineStats | None = None
+    # Pod name -> why its engine looks unhealthy from /health or /metrics.
+    unhealthy: Mapping[str, str] = field(default_factory=dict)
+    # Children the apiserver refused to take, worded by the apiserver.
+    apply_errors: Sequence[str] = ()
+
+
+def _is_ready(pod: Mapping[str, Any]) -> bool:
+    conditions = pod.get("status", {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def _unschedulable_message(pod: Mapping[str, Any]) -> str | None:
+    for condition in pod.get("status", {}).get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("reason") == "Unschedulable":
+            return condition.get("message") or "no node fits the Pod"
+    return None
+
+
+def _tail(text: str | None, lines: int = 5) -> str:
+    if not text:
+        return ""
+    return " | ".join(text.strip().splitlines()[-lines:])
+
+
+def pod_problems(pod: Mapping[str, Any]) -> list[Problem]:
+    """Container failures of one engine Pod, worded for a person."""
+    name = pod.get("metadata", {}).get("name", "?")
+    problems = []
+    for status in pod.get("status", {}).get("containerStatuses") or []:
+        state, last = status.get("state") or {}, status.get("lastState") or {}
+        waiting, terminated = state.get("waiting"), state.get("terminated") or last.get("terminated")
+        if waiting and waiting.get("reason") in BLOCKING_WAIT_REASONS:
+            reason = BLOCKING_WAIT_REASONS[waiting["reason"]]
+            detail = waiting.get("message") or waiting["reason"]
+            if terminated and reason == "EngineCrashLooping":
+                detail = f"exit code {terminated.get('exitCode')} ({terminated.get('reason', 'Error')}): " + (
+                    _tail(terminated.get("message")) or detail
+                )
+            problems.append(Problem(name, reason, f"pod {name}: {detail}", blocking=True))
+        elif terminated and terminated.get("exitCode", 0) != 0 and not status.get("ready"):
+            reason = "EngineOOMKilled" if terminated.get("reason") == "OOMKilled" else "EngineExited"
+            detail = _tail(terminated.get("message"))
+            problems.append(Problem(
+                name, reason,
+                f"pod {name}: engine exited with code {terminated.get('exitCode')} ({terminated.get('reason', 'Error')})"
+                + (f": {detail}" if detail else ""),
+            ))
+    return problems
+
+
+def _condition(
+    previous: Mapping[str, Mapping[str, Any]], generation: int, now: str,
+    type_: str, status: bool, reason: str, message: str,
+) -> dict[str, Any]:
+    value = "True" if status else "False"
+    old = previous.get(type_)
+    unchanged = old is not None and old.get("status") == value
+    return {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message[:MAX_MESSAGE],
+        "observedGeneration": generation,
+        "lastTransitionTime": old["lastTransitionTime"] if unchanged and old.get("lastTransitionTime") else now,
+    }
+
+
+def _rollout_in_progress(obs: Observation) -> bool:
+    deployment = obs.deployment
+    if deployment is None:
+        return True
+    status = deployment.get("status") or {}
+    return (
+        status.get("observedGeneration", 0) < deployment.get("metadata", {}).get("generation", 0)
+        or status.get("updatedReplicas", 0) < obs.desired_replicas
+        or status.get("replicas", 0) > obs.desired_replicas
+    )
+
+
+def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> dict[str, Any]:
+    """The whole status subresource for an observation; ``previous`` keeps transition times."""
+    prev_conditions = {c["type"]: c for c in previous.get("conditions") or []}
+
+    def cond(type_: str, status: bool, reason: str, message: str) -> dict[str, Any]:
+        return _condition(prev_conditions, obs.generation, now, type_, status, reason, message)
+
+    status: dict[str, Any] = {"observedGeneration": obs.generation}
+    if obs.spec_error is not None:
+        status.update(phase="Failed", conditions=[
+            cond("Ready", False, "InvalidSpec", obs.spec_error),
+            cond("Progressing", False, "InvalidSpec", "fix the spec to continue"),
+            cond("Degraded", True, "InvalidSpec", obs.spec_error),
+        ])
+        return status
+
+    pods = [p for p in obs.pods if not p.get("metadata", {}).get("deletionTimestamp")]
+    ready = sum(1 for p in pods if _is_ready(p))
+    unschedulable = [(p["metadata"]["name"], m) for p in pods if (m := _unschedulable_message(p))]
+    problems = [problem for p in pods for problem in pod_problems(p)]
+    problems += [Problem(pod, "EngineUnhealthy", f"pod {pod}: {why}") for pod, why in sorted(obs.unhealthy.items())]
+    problems += [Problem("", "ApplyFailed", error, blocking=True) for error in obs.apply_errors]
+    rolling = _rollout_in_progress(obs)
+
+    if obs.desired_replicas == 0:
+        phase, ready_reason, ready_message = "Pending", "ScaledToZero", "spec.replicas is 0"
+    elif ready >= obs.desired_replicas and not problems:
+        phase, ready_reason, ready_message = "Ready", "EngineReady", f"{ready}/{obs.desired_replicas} replicas ready"
+    elif ready > 0 or (problems and not any(p.blocking for p in problems)):
+        phase, ready_reason = "Degraded", "ReplicasUnavailable"
+        ready_message = f"{ready}/{obs.desired_replicas} replicas ready"
+    elif problems:
+        phase, ready_reason, ready_message = "Failed", problems[0].reason, problems[0].message
+    elif unschedulable:
+        phase, ready_reason = "Pending", "Unschedulable"
+        ready_message = f"pod {unschedulable[0][0]}: {unschedulable[0][1]}"
+    elif any((p.get("status") or {}).get("phase") == "Running" for p in pods):
+        phase, ready_reason, ready_message = "Loading", "EngineLoading", "the engine is loading the model"
+    else:
+        phase, ready_reason, ready_message = "Pending", "PodsPending", "waiting for engine Pods to start"
+
+    conditions = [
+        cond("Ready", phase == "Ready", ready_reason, ready_message),
+        cond("Progressing", rolling, "RollingOut" if rolling else "RolloutComplete",
+             "the engine Deployment is rolling out" if rolling else "the engine Deployment is up to date"),
+        cond("Degraded", bool(problems), problems[0].reason if problems else "AsExpected",
+             "; ".join(p.message for p in problems) if problems else "no engine problems seen"),
+        cond("Unschedulable", bool(unschedulable), "Unschedulable" if unschedulable else "Scheduled",
+             f"pod {unschedulable[0][0]}: {unschedulable[0][1]}" if unschedulable else "all engine Pods are scheduled"),
+    ]
+    status.update(
+        phase=phase,
+        replicas=len(pods),
+        readyReplicas=ready,
+        ready=f"{ready}/{obs.desired_replicas}",
+        conditions=conditions,
+    )
+    for key, value in (("selector", obs.selector), ("endpoint", obs.endpoint), ("model", obs.served_model)):
+        if value is not None:
+            status[key] = value
+    if obs.engine is not None:
+        status["engine"] = obs.engine.model_dump(by_alias=True, exclude_none=True)
+    return status
+
+
+def status_changed(old: Mapping[str, Any], new: Mapping[str, Any], volatile: Sequence[str] = ("lastScrapeTime",)) -> bool:
+    """Whether writing ``new`` would tell a reader anything; the scrape time alone does not."""
+
+    def strip(status: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(status)
+        if isinstance(out.get("engine"), Mapping):
+            out["engine"] = {k: v for k, v in out["engine"].items() if k not in volatile}
+        return out
+
+    return strip(old) != strip(new)
+
+
+def status_events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of the Kubernetes Events a status change deserves."""
+    events = []
+    if old.get("phase") != new.get("phase"):
+        kind = "Warning" if new.get("phase") in ("Failed", "Degraded") else "Normal"
+        ready = next((c for c in new.get("conditions", []) if c["type"] == "Ready"), None)
+        detail = f": {ready['message']}" if ready else ""
+        events.append((kind, new.get("phase") or "Unknown", f"phase {old.get('phase') or 'None'} -> {new.get('phase')}{detail}"))
+    old_conditions = {c["type"]: c for c in old.get("conditions") or []}
+    for condition in new.get("conditions") or []:
+        before = old_conditions.get(condition["type"])
+        if condition["type"] in ("Degraded", "Unschedulable") and condition["status"] == "True" and (
+            before is None or before.get("status") != "True" or before.get("message") != condition["message"]
+        ):
+            events.append(("Warning", condition["reason"], condition["message"]))
+    return events

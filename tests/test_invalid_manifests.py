@@ -1,0 +1,141 @@
+"""A catalog of wrong LLMDeployments: each is refused with a message a person understands.
+
+Rules live twice (CEL in the CRD for the apiserver, pydantic for the operator), so each case is
+checked against both: the real apiserver must reject it, and so must the models.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from vllm_operator import api
+
+BASE: dict[str, Any] = {
+    "apiVersion": f"{api.GROUP}/{api.VERSION}",
+    "kind": api.KIND,
+    "metadata": {"name": "bad"},
+    "spec": {"model": {"name": "org/model"}, "accelerator": {"type": "nvidia", "count": 1}},
+}
+
+
+def _set(body: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for part in parents:
+        body = body.setdefault(part, {})
+    body[leaf] = value
+
+
+# (case id, {dotted path: value}, words the refusal must contain)
+CATALOG: list[tuple[str, dict[str, Any], str]] = [
+    ("unknown-accelerator", {"spec.accelerator.type": "tpu"}, "Unsupported value"),
+    ("memory-utilization-above-one", {"spec.engine.gpuMemoryUtilization": 1.5}, "less than or equal to 1"),
+    ("memory-utilization-zero", {"spec.engine.gpuMemoryUtilization": 0}, "greater than 0"),
+    ("tp-not-count", {"spec.accelerator.count": 4, "spec.engine.tensorParallelSize": 2}, "must equal accelerator.count"),
+    ("cpu-with-gpu-count", {"spec.accelerator": {"type": "cpu", "count": 2}}, "remove it for type cpu"),
+    ("removed-disable-log-requests", {"spec.engine.extraArgs": ["--disable-log-requests"]}, "--enable-log-requests"),
+    ("removed-swap-space", {"spec.engine.extraArgs": ["--swap-space=4"]}, "--swap-space was removed"),
+    ("removed-worker-use-ray", {"spec.engine.extraArgs": ["--worker-use-ray"]}, "--distributed-executor-backend"),
+    ("owned-model-flag", {"spec.engine.extraArgs": ["--model=other/model"]}, "use the spec fields"),
+    ("owned-tp-alias", {"spec.engine.extraArgs": ["-tp", "2"]}, "use the spec fields"),
+    ("negative-replicas", {"spec.replicas": -1}, "greater than or equal to 0"),
+    ("bad-shm-quantity", {"spec.shmSize": "8 gigs"}, "should match"),
+    ("bad-cache-quantity", {"spec.cache.size": "lots"}, "should match"),
+    ("bad-cpu-request", {"spec.resources": {"requests": {"cpu": "two"}}}, "should match"),
+    ("pvc-without-claim", {"spec.model.name": "pvc://"}, "needs a claim name"),
+    ("pvc-empty-claim", {"spec.model.name": "pvc:///weights"}, "needs a claim name"),
+    ("http-model", {"spec.model.name": "https://example.com/model"}, "must be a Hugging Face repo id"),
+    ("relative-file-model", {"spec.model.name": "file://models/x"}, "must be a Hugging Face repo id"),
+    ("two-chat-templates", {"spec.model.chatTemplate": "{{x}}",
+                            "spec.model.chatTemplateConfigMapRef": {"name": "t", "key": "k"}}, "not both"),
+    ("service-port-too-big", {"spec.service.port": 70000}, "less than or equal to 65535"),
+    ("service-type", {"spec.service.type": "Ingress"}, "Unsupported value"),
+    ("dtype", {"spec.engine.dtype": "fp4"}, "Unsupported value"),
+    ("kv-cache-dtype", {"spec.engine.kvCacheDtype": "int3"}, "Unsupported value"),
+    ("block-size", {"spec.engine.blockSize": 12}, "Unsupported value"),
+    ("batched-tokens-below-seqs", {"spec.engine.maxNumSeqs": 256, "spec.engine.maxNumBatchedTokens": 128},
+     "at least engine.maxNumSeqs"),
+    ("cuda-graph-on-cpu", {"spec.accelerator": {"type": "cpu"}, "spec.engine.cudaGraph": {"mode": "FULL"}},
+     "applies to GPU accelerators"),
+    ("cpu-kv-cache-on-gpu", {"spec.engine.cpuKVCacheSpaceGiB": 4}, "applies to accelerator type cpu only"),
+    ("product-on-gaudi", {"spec.accelerator": {"type": "gaudi", "product": "HL-225"}}, "nvidia and amd only"),
+    ("zero-accelerators", {"spec.accelerator.count": 0}, "greater than or equal to 1"),
+    ("secret-ref-without-key", {"spec.apiKeySecretRef": {"name": "api"}}, "key"),
+    ("pipeline-not-dividing", {"spec.accelerator.count": 8, "spec.engine.pipelineParallelSize": 3}, "multiple of"),
+    ("existing-claim-with-size", {"spec.cache": {"existingClaim": "mine", "size": "10Gi"}}, "existingClaim"),
+    ("missing-model", {"spec.model": None}, "model"),
+]
+
+
+def _manifest(changes: dict[str, Any]) -> dict[str, Any]:
+    body = copy.deepcopy(BASE)
+    for path, value in changes.items():
+        if value is None:
+            *parents, leaf = path.split(".")
+            target = body
+            for part in parents:
+                target = target[part]
+            del target[leaf]
+        else:
+            _set(body, path, value)
+    return body
+
+
+def test_catalog_is_large() -> None:
+    assert len(CATALOG) >= 25
+
+
+@pytest.mark.parametrize(("case", "changes", "words"), CATALOG, ids=[c[0] for c in CATALOG])
+def test_models_refuse(case: str, changes: dict[str, Any], words: str) -> None:
+    with pytest.raises(ValidationError):
+        api.LLMDeploymentSpec.model_validate(_manifest(changes)["spec"])
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize(("case", "changes", "words"), CATALOG, ids=[c[0] for c in CATALOG])
+def test_apiserver_refuses(crd_installed: None, cluster: Any, namespace: str, case: str,
+                           changes: dict[str, Any], words: str) -> None:
+    objects = client.CustomObjectsApi(cluster.api_client)
+    with pytest.raises(ApiException) as refused:
+        objects.create_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, _manifest(changes), field_validation="Strict"
+        )
+    assert refused.value.status == 422, refused.value.body
+    assert words in refused.value.body, refused.value.body
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize(("name", "words"), [("1llama", "must start with a letter"), ("a" * 58, "at most 57")])
+def test_apiserver_refuses_names_that_cannot_name_a_service(
+    crd_installed: None, cluster: Any, namespace: str, name: str, words: str
+) -> None:
+    body = copy.deepcopy(BASE)
+    body["metadata"]["name"] = name
+    with pytest.raises(ApiException) as refused:
+        client.CustomObjectsApi(cluster.api_client).create_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, body
+        )
+    assert words in refused.value.body
+
+
+@pytest.mark.cluster
+def test_apiserver_refuses_unknown_fields(crd_installed: None, cluster: Any, namespace: str) -> None:
+    body = _manifest({"spec.engine.maxModelLength": 4096})
+    with pytest.raises(ApiException) as refused:
+        client.CustomObjectsApi(cluster.api_client).create_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, body, field_validation="Strict"
+        )
+    assert 'unknown field "spec.engine.maxModelLength"' in refused.value.body
+
+
+@pytest.mark.cluster
+def test_valid_base_is_accepted(crd_installed: None, cluster: Any, namespace: str) -> None:
+    created = client.CustomObjectsApi(cluster.api_client).create_namespaced_custom_object(
+        api.GROUP, api.VERSION, namespace, api.PLURAL, copy.deepcopy(BASE), field_validation="Strict"
+    )
+    assert created["metadata"]["name"] == "bad"

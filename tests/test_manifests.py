@@ -1,0 +1,125 @@
+"""Manifest builders: what a spec turns into, checked field by field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from vllm_operator.api import LLMDeploymentSpec
+from vllm_operator.manifests import Owner, children, deployment, endpoint
+
+OWNER = Owner("llama", "ai", "uid-1")
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+
+
+def spec(**overrides: Any) -> LLMDeploymentSpec:
+    body: dict[str, Any] = {"model": {"name": "org/model"}, "accelerator": {"type": "nvidia", "count": 2}}
+    body.update(overrides)
+    return LLMDeploymentSpec.model_validate(body)
+
+
+def pod_spec(one: LLMDeploymentSpec) -> dict[str, Any]:
+    return deployment(one, OWNER)["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_examples_are_valid_specs(path: Path) -> None:
+    manifest = yaml.safe_load(path.read_text())
+    LLMDeploymentSpec.model_validate(manifest["spec"])
+
+
+def test_gpu_resources_tolerations_and_product_selector() -> None:
+    pod = pod_spec(spec(accelerator={"type": "nvidia", "count": 2, "product": "NVIDIA-H100-80GB-HBM3"}))
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == "2"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+
+
+def test_gaudi_resources_and_capability() -> None:
+    pod = pod_spec(spec(accelerator={"type": "gaudi", "count": 8}))
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["habana.ai/gaudi"] == "8"
+    assert container["securityContext"]["capabilities"]["add"] == ["SYS_NICE"]
+
+
+def test_cpu_requests_no_accelerator_and_may_surge() -> None:
+    manifest = deployment(spec(accelerator={"type": "cpu"}, resources={"requests": {"cpu": "4"}}), OWNER)
+    container = manifest["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"] == {"requests": {"cpu": "4"}}
+    assert "tolerations" not in manifest["spec"]["template"]["spec"]
+    assert manifest["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": "25%", "maxUnavailable": 0}
+
+
+def test_accelerator_rollout_never_surges() -> None:
+    assert deployment(spec(), OWNER)["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+
+
+def test_probes_allow_long_loads_and_never_kill_a_loading_engine() -> None:
+    container = pod_spec(spec())["containers"][0]
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/health"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 30 * 60
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert container["livenessProbe"]["failureThreshold"] * container["livenessProbe"]["periodSeconds"] >= 60
+
+
+def test_shm_cache_and_env() -> None:
+    pod = pod_spec(spec(shmSize="16Gi"))
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert volumes["cache"]["persistentVolumeClaim"]["claimName"] == "llama-cache"
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["dshm"] == "/dev/shm"
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["HF_HOME"].startswith(mounts["cache"])
+    assert env["VLLM_CACHE_ROOT"].startswith(mounts["cache"])
+
+
+def test_retained_claim_has_no_owner_reference() -> None:
+    kept = children(spec(), OWNER)["PersistentVolumeClaim"]
+    assert kept is not None and "ownerReferences" not in kept["metadata"]
+    dropped = children(spec(cache={"retainOnDelete": False}), OWNER)["PersistentVolumeClaim"]
+    assert dropped is not None and dropped["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+
+
+def test_existing_claim_is_mounted_not_created() -> None:
+    one = spec(cache={"existingClaim": "shared-weights"})
+    assert children(one, OWNER)["PersistentVolumeClaim"] is None
+    volumes = {v["name"]: v for v in pod_spec(one)["volumes"]}
+    assert volumes["cache"]["persistentVolumeClaim"]["claimName"] == "shared-weights"
+
+
+def test_pvc_model_mounted_read_only() -> None:
+    pod = pod_spec(spec(model={"name": "pvc://weights/llama"}))
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["model"]["persistentVolumeClaim"] == {"claimName": "weights", "readOnly": True}
+
+
+def test_disruption_budget_only_with_several_replicas() -> None:
+    assert children(spec(replicas=1), OWNER)["PodDisruptionBudget"] is None
+    budget = children(spec(replicas=3), OWNER)["PodDisruptionBudget"]
+    assert budget is not None and budget["spec"]["maxUnavailable"] == 1
+
+
+def test_labels_and_owner_references_on_every_owned_child() -> None:
+    for kind, manifest in children(spec(replicas=2, cache={"retainOnDelete": False}), OWNER).items():
+        assert manifest is not None, kind
+        labels = manifest["metadata"]["labels"]
+        assert labels["app.kubernetes.io/managed-by"] == "vllm-operator"
+        assert labels["app.kubernetes.io/instance"] == "llama"
+        assert manifest["metadata"]["ownerReferences"][0]["controller"] is True
+
+
+def test_pod_labels_cannot_override_the_selector() -> None:
+    template = deployment(spec(podLabels={"llm.vllm-operator.io/llmdeployment": "other", "team": "a"}), OWNER)
+    labels = template["spec"]["template"]["metadata"]["labels"]
+    assert labels["llm.vllm-operator.io/llmdeployment"] == "llama" and labels["team"] == "a"
+
+
+def test_endpoint_is_the_service_url() -> None:
+    assert endpoint(spec(service={"port": 9000}), OWNER) == "http://llama.ai.svc.cluster.local:9000/v1"

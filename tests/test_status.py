@@ -1,0 +1,138 @@
+"""Phase, conditions and events from what the cluster shows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm_operator.drift import matches
+from vllm_operator.status import Observation, compute_status, status_changed, status_events
+
+NOW = "2026-01-01T00:00:00Z"
+LATER = "2026-01-01T00:05:00Z"
+
+
+def pod(name: str, *, ready: bool = False, phase: str = "Running", unschedulable: str | None = None,
+        container: dict[str, Any] | None = None) -> dict[str, Any]:
+    conditions = [{"type": "Ready", "status": "True" if ready else "False"}]
+    if unschedulable:
+        conditions.append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": unschedulable})
+    status: dict[str, Any] = {"phase": phase, "conditions": conditions}
+    if container is not None:
+        status["containerStatuses"] = [{"name": "vllm", "ready": ready, **container}]
+    return {"metadata": {"name": name}, "status": status}
+
+
+def rolled_out(replicas: int) -> dict[str, Any]:
+    return {"metadata": {"generation": 2},
+            "status": {"observedGeneration": 2, "updatedReplicas": replicas, "replicas": replicas}}
+
+
+def observe(*pods: dict[str, Any], replicas: int = 1, **extra: Any) -> Observation:
+    return Observation("llama", "ai", 3, replicas, deployment=rolled_out(replicas), pods=pods, **extra)
+
+
+def conditions(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in status["conditions"]}
+
+
+def test_ready_when_all_replicas_ready() -> None:
+    status = compute_status(observe(pod("a", ready=True)), {}, NOW)
+    assert status["phase"] == "Ready" and status["ready"] == "1/1"
+    assert conditions(status)["Ready"]["status"] == "True"
+    assert conditions(status)["Ready"]["observedGeneration"] == 3
+    assert conditions(status)["Progressing"]["status"] == "False"
+
+
+def test_loading_while_engine_starts() -> None:
+    status = compute_status(observe(pod("a")), {}, NOW)
+    assert status["phase"] == "Loading"
+    assert conditions(status)["Ready"]["reason"] == "EngineLoading"
+
+
+def test_unschedulable_carries_the_scheduler_message() -> None:
+    message = "0/4 nodes are available: 2 Insufficient nvidia.com/gpu."
+    status = compute_status(observe(pod("a", phase="Pending", unschedulable=message)), {}, NOW)
+    assert status["phase"] == "Pending"
+    unschedulable = conditions(status)["Unschedulable"]
+    assert unschedulable["status"] == "True" and message in unschedulable["message"]
+
+
+def test_crash_loop_without_ready_replicas_fails_with_exit_code_and_log_tail() -> None:
+    crashed = pod("a", container={
+        "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+        "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": "line1\nValueError: bad flag"}},
+        "restartCount": 4,
+    })
+    status = compute_status(observe(crashed), {}, NOW)
+    assert status["phase"] == "Failed"
+    degraded = conditions(status)["Degraded"]
+    assert degraded["reason"] == "EngineCrashLooping"
+    assert "exit code 1" in degraded["message"] and "ValueError: bad flag" in degraded["message"]
+
+
+def test_engine_restart_is_degraded_not_failed() -> None:
+    restarted = pod("a", container={"state": {"running": {}}, "lastState": {"terminated": {"exitCode": 137}}})
+    status = compute_status(observe(restarted), {}, NOW)
+    assert status["phase"] == "Degraded"
+    assert "code 137" in conditions(status)["Degraded"]["message"]
+
+
+def test_unhealthy_engine_marks_degraded_with_pod_name() -> None:
+    status = compute_status(observe(pod("a", ready=True), unhealthy={"a": "GET /health answered 503"}), {}, NOW)
+    assert status["phase"] == "Degraded"
+    assert "pod a: GET /health answered 503" in conditions(status)["Degraded"]["message"]
+
+
+def test_partial_readiness_is_degraded() -> None:
+    status = compute_status(observe(pod("a", ready=True), pod("b"), replicas=2), {}, NOW)
+    assert status["phase"] == "Degraded" and status["ready"] == "1/2"
+
+
+def test_invalid_spec_fails() -> None:
+    obs = Observation("llama", "ai", 4, 0, spec_error="spec.engine.extraArgs: --foo is not a vLLM flag")
+    status = compute_status(obs, {}, NOW)
+    assert status["phase"] == "Failed"
+    assert conditions(status)["Ready"]["reason"] == "InvalidSpec"
+    assert "--foo" in conditions(status)["Ready"]["message"]
+
+
+def test_apply_errors_are_reported() -> None:
+    status = compute_status(observe(apply_errors=("applying Service llama failed: forbidden",)), {}, NOW)
+    assert status["phase"] == "Failed"
+    assert "forbidden" in conditions(status)["Degraded"]["message"]
+
+
+def test_transition_time_kept_while_status_holds() -> None:
+    first = compute_status(observe(pod("a", ready=True)), {}, NOW)
+    second = compute_status(observe(pod("a", ready=True)), first, LATER)
+    assert conditions(second)["Ready"]["lastTransitionTime"] == NOW
+    assert not status_changed(first, second)
+    third = compute_status(observe(pod("a")), second, LATER)
+    assert conditions(third)["Ready"]["lastTransitionTime"] == LATER
+
+
+def test_scrape_time_alone_is_no_change() -> None:
+    old = {"phase": "Ready", "engine": {"requestsRunning": 0, "lastScrapeTime": NOW}}
+    assert not status_changed(old, {"phase": "Ready", "engine": {"requestsRunning": 0, "lastScrapeTime": LATER}})
+    assert status_changed(old, {"phase": "Ready", "engine": {"requestsRunning": 1, "lastScrapeTime": LATER}})
+
+
+def test_events_for_phase_changes_and_new_problems() -> None:
+    loading = compute_status(observe(pod("a")), {}, NOW)
+    stuck = compute_status(observe(pod("a", phase="Pending", unschedulable="0/4 nodes are available")), loading, NOW)
+    events = status_events(loading, stuck)
+    assert ("Warning", "Unschedulable", "pod a: 0/4 nodes are available") in events
+    assert any(e[1] == "Pending" for e in events)
+    assert status_events(stuck, stuck) == []
+
+
+def test_drift_ignores_defaults_and_compares_quantities_by_value() -> None:
+    want = {"spec": {"resources": {"requests": {"storage": "1Gi"}}, "ports": [{"port": 80}]},
+            "metadata": {"ownerReferences": [{"uid": "u"}]}}
+    have = {"spec": {"resources": {"requests": {"storage": "1024Mi"}}, "ports": [{"port": 80, "protocol": "TCP"}],
+                     "clusterIP": "10.0.0.1"},
+            "metadata": {"ownerReferences": [{"uid": "other"}, {"uid": "u", "kind": "X"}]}}
+    assert matches(want, have)
+    assert not matches({"spec": {"ports": [{"port": 81}]}}, have)
+    assert not matches({"spec": {"image": "a:1"}}, {"spec": {"image": "a:2"}})
+    assert not matches({"spec": {"args": ["--x"]}}, {"spec": {"args": ["--x", "--y"]}})
