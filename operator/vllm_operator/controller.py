@@ -235,10 +235,15 @@ class Controller:
 
     def update_engine(self, key: Key, stats: EngineStats | None, unhealthy: dict[str, str]) -> None:
         view = self.engines.setdefault(key, EngineView())
-        if view.stats != stats or view.unhealthy != unhealthy:
-            view.stats, view.unhealthy = stats, unhealthy
-            if key in self.resources:
-                self.queue.add(key)
+        # Each scrape has a new timestamp; only a change in load or health is worth a reconcile.
+        unchanged = _load(view.stats) == _load(stats) and view.unhealthy == unhealthy
+        view.stats, view.unhealthy = stats, unhealthy
+        if not unchanged and key in self.resources:
+            self.queue.add(key)
+
+
+def _load(stats: EngineStats | None) -> dict[str, Any] | None:
+    return stats.without_time() if stats is not None else None
 
 
 def _owned_by(obj: Mapping[str, Any], owner: Owner) -> bool:

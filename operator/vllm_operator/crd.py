@@ -57,8 +57,12 @@ def _to_openapi(node: Any, defs: dict[str, Any]) -> Any:
             return _to_openapi({**non_null[0], **outer}, defs)
         node["anyOf"] = non_null
         if node.get("x-kubernetes-int-or-string"):
-            pattern = node.pop("pattern", None)
-            node["anyOf"] = [{"type": "integer"}, {"type": "string", **({"pattern": pattern} if pattern else {})}]
+            # The one anyOf a structural schema allows; a pattern inside it would not be, and at
+            # the outer level it applies to strings only.
+            pattern = next((v["pattern"] for v in non_null if "pattern" in v), node.get("pattern"))
+            node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+            if pattern:
+                node["pattern"] = pattern
     for key in ("exclusiveMinimum", "exclusiveMaximum"):
         if isinstance(node.get(key), (int, float)) and not isinstance(node.get(key), bool):
             node["minimum" if key == "exclusiveMinimum" else "maximum"] = node[key]

@@ -40,6 +40,8 @@ def _controller() -> Controller:
 async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
     # The controller records its own Events; kopf's per-handler Events would only repeat them.
     settings.posting.enabled = False
+    # Serve only what exists at start-up; watching CRDs and namespaces would need more RBAC.
+    settings.scanning.disabled = True
     settings.watching.reconnect_backoff = 1.0
     if OPTIONS.metrics_port:
         start_http_server(OPTIONS.metrics_port)

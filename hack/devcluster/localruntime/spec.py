@@ -1,0 +1,222 @@
+"""How a container of a pod becomes a local process: its argv, environment and working folder.
+
+Pure functions over the pod as a dict, so they can be tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from kubernetes.utils import parse_quantity
+
+Obj = dict[str, Any]
+# A mount: the path the container asked for, and the local folder standing in for it.
+Mount = tuple[str, Path]
+
+ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
+WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
+_REFERENCE = re.compile(r"\$(\$|\(([^()]*)\))")
+_PYTHON = re.compile(r"python(3(\.\d+)?)?")
+
+
+class SpecError(Exception):
+    """The container cannot be started as asked; the message goes into its waiting state."""
+
+
+class ObjectSource(Protocol):
+    """Secrets and ConfigMaps of the pod's namespace, as key -> bytes; None when absent."""
+
+    def secret(self, name: str) -> dict[str, bytes] | None: ...
+
+    def config_map(self, name: str) -> dict[str, bytes] | None: ...
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    engine: bool
+
+
+def expand(text: str, variables: Mapping[str, str]) -> str:
+    """Kubelet's ``$(VAR)`` expansion: unknown references stay as written, ``$$`` is a literal ``$``."""
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(1) == "$":
+            return "$"
+        return variables.get(match.group(2), match.group(0))
+
+    return _REFERENCE.sub(substitute, text)
+
+
+def field_value(pod: Obj, pod_ip: str, path: str) -> str:
+    """The value of a downward-API ``fieldRef`` path."""
+    metadata = pod["metadata"]
+    simple: dict[str, str] = {
+        "metadata.name": metadata["name"],
+        "metadata.namespace": metadata["namespace"],
+        "metadata.uid": metadata.get("uid", ""),
+        "spec.nodeName": pod["spec"].get("nodeName", ""),
+        "spec.serviceAccountName": pod["spec"].get("serviceAccountName", ""),
+        "status.podIP": pod_ip,
+        "status.podIPs": pod_ip,
+        "status.hostIP": "127.0.0.1",
+        "status.hostIPs": "127.0.0.1",
+    }
+    if path in simple:
+        return simple[path]
+    keyed = re.fullmatch(r"metadata\.(labels|annotations)\['([^']*)'\]", path)
+    if keyed:
+        return str(metadata.get(keyed.group(1), {}).get(keyed.group(2), ""))
+    if path in ("metadata.labels", "metadata.annotations"):
+        values = metadata.get(path.split(".")[1], {})
+        return "\n".join(f'{key}="{value}"' for key, value in sorted(values.items()))
+    raise SpecError(f"fieldRef {path} is not supported by the local runtime")
+
+
+def resource_value(container: Obj, resource: str, divisor: str | None) -> str:
+    """The value of a ``resourceFieldRef`` (limits fall back to requests, then to 0)."""
+    kind, _, name = resource.partition(".")
+    resources = container.get("resources", {})
+    quantity = resources.get(kind, {}).get(name) or resources.get("requests", {}).get(name) or "0"
+    return str(math.ceil(parse_quantity(quantity) / parse_quantity(divisor or "1")))
+
+
+def _from_source(source: ObjectSource, kind: str, ref: Obj) -> dict[str, bytes] | None:
+    data = source.secret(ref["name"]) if kind == "secret" else source.config_map(ref["name"])
+    if data is None and not ref.get("optional", False):
+        raise SpecError(f"{kind} {ref['name']} not found")
+    return data
+
+
+def container_env(container: Obj, pod: Obj, pod_ip: str, source: ObjectSource) -> dict[str, str]:
+    """The container's environment as kubelet builds it: envFrom first, then env in order."""
+    env: dict[str, str] = {}
+    for entry in container.get("envFrom", []):
+        kind, ref = ("secret", entry["secretRef"]) if "secretRef" in entry else ("configmap", entry["configMapRef"])
+        for key, value in (_from_source(source, kind, ref) or {}).items():
+            env[entry.get("prefix", "") + key] = value.decode()
+    for item in container.get("env", []):
+        origin = item.get("valueFrom")
+        if origin is None:
+            env[item["name"]] = expand(item.get("value", ""), env)
+        elif "fieldRef" in origin:
+            env[item["name"]] = field_value(pod, pod_ip, origin["fieldRef"]["fieldPath"])
+        elif "resourceFieldRef" in origin:
+            ref = origin["resourceFieldRef"]
+            env[item["name"]] = resource_value(container, ref["resource"], ref.get("divisor"))
+        else:
+            kind, ref = ("secret", origin["secretKeyRef"]) if "secretKeyRef" in origin else (
+                "configmap", origin["configMapKeyRef"])
+            data = _from_source(source, kind, ref)
+            if data is not None and ref["key"] in data:
+                env[item["name"]] = data[ref["key"]].decode()
+            elif data is not None and not ref.get("optional", False):
+                raise SpecError(f"key {ref['key']} not found in {kind} {ref['name']}")
+    return env
+
+
+def rewrite_path(value: str, mounts: Sequence[Mount]) -> str:
+    """Point a value that starts with a mount path (also ``--flag=<path>``) at the local folder."""
+    flag, equals, rest = value.partition("=")
+    if value.startswith("-") and equals:
+        return f"{flag}={rewrite_path(rest, mounts)}"
+    for mount_path, local in sorted(mounts, key=lambda mount: len(mount[0]), reverse=True):
+        prefix = mount_path.rstrip("/")
+        if prefix and (value == prefix or value.startswith(prefix + "/")):
+            return str(local) + value[len(prefix):]
+    return value
+
+
+def is_engine_image(image: str) -> bool:
+    """Whether the image's repository path (registry host, tag and digest aside) mentions vllm."""
+    parts = image.split("@", 1)[0].split("/")
+    parts[-1] = parts[-1].split(":", 1)[0]
+    if len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost"):
+        parts = parts[1:]
+    return "vllm" in "/".join(parts)
+
+
+def engine_arguments(argv: Sequence[str]) -> list[str] | None:
+    """The server's own options when ``argv`` starts the vLLM OpenAI server, else None."""
+    if len(argv) >= 2 and os.path.basename(argv[0]) == "vllm" and argv[1] == "serve":
+        rest = list(argv[2:])
+    elif len(argv) >= 3 and _PYTHON.fullmatch(os.path.basename(argv[0])) and list(argv[1:3]) == ["-m", ENGINE_MODULE]:
+        rest = list(argv[3:])
+    else:
+        return None
+    # `vllm serve MODEL` takes the model positionally; the module entry point ignores that form.
+    if rest and not rest[0].startswith("-"):
+        rest = ["--model", rest[0], *rest[1:]]
+    return rest
+
+
+def bind_to(arguments: Sequence[str], pod_ip: str) -> list[str]:
+    """Bind the server to the pod's own address so many pods can share one port number."""
+    result: list[str] = []
+    bound = False
+    items = iter(arguments)
+    for argument in items:
+        if argument == "--host":
+            value = next(items, "")
+            result += ["--host", pod_ip if value in WILDCARD_HOSTS else value]
+            bound = True
+        elif argument.startswith("--host="):
+            value = argument.partition("=")[2]
+            result.append(f"--host={pod_ip if value in WILDCARD_HOSTS else value}")
+            bound = True
+        else:
+            result.append(argument)
+    return result if bound else [*result, "--host", pod_ip]
+
+
+def launch_plan(
+    container: Obj,
+    pod: Obj,
+    pod_ip: str,
+    mounts: Sequence[Mount],
+    source: ObjectSource,
+    engine_python: Path,
+    home: Path,
+    base_env: Mapping[str, str],
+) -> LaunchPlan:
+    env = {key: rewrite_path(value, mounts) for key, value in container_env(container, pod, pod_ip, source).items()}
+    command = [expand(part, env) for part in container.get("command", [])]
+    args = [expand(part, env) for part in container.get("args", [])]
+    engine = is_engine_image(container.get("image", ""))
+    # Without a command the image's entrypoint would run; for vLLM images that is the server.
+    server_options = engine_arguments(command + args) if command else engine_arguments(["vllm", "serve", *args])
+    if engine and server_options is not None:
+        if not engine_python.is_file():
+            raise SpecError(f"the vLLM engine venv is missing ({engine_python}); run `make engine`")
+        argv = [str(engine_python), "-m", ENGINE_MODULE, *bind_to(server_options, pod_ip)]
+    elif command:
+        argv = command + args
+    else:
+        raise SpecError("the local runtime cannot read image entrypoints; give the container a command")
+    argv = [rewrite_path(part, mounts) for part in argv]
+    engine = engine and server_options is not None
+    if not engine:
+        argv[0] = _executable(argv[0], base_env.get("PATH", ""))
+    working_dir = container.get("workingDir")
+    mapped = rewrite_path(working_dir, mounts) if working_dir else ""
+    cwd = Path(mapped) if mapped and mapped != working_dir else home
+    return LaunchPlan(argv, {**base_env, "HOME": str(home), **env}, cwd, engine)
+
+
+def _executable(name: str, path: str) -> str:
+    # Python is this interpreter: version-manager shims break once HOME points at the pod's folder.
+    if _PYTHON.fullmatch(name):
+        return sys.executable
+    if "/" in name:
+        return name
+    return shutil.which(name, path=path) or name

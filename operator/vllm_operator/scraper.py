@@ -1,0 +1,138 @@
+"""Read /metrics and /health of many vLLM engines at once over one pooled HTTP session."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Collection, Hashable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+import aiohttp
+
+from vllm_operator.engine_metrics import EngineSample, EngineStats, aggregate, parse_sample
+
+# vLLM's server drops idle connections after VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s by default); letting
+# ours go a bit earlier avoids sending a request on a connection the engine is closing.
+KEEPALIVE_SECONDS = 4.0
+MAX_BODY_IN_ERROR = 200
+# What a failing status most likely means, for the person reading the error.
+STATUS_HINTS = {
+    ("/health", 503): "engine core is dead",
+    ("/metrics", 404): "no /metrics here: is this a vLLM OpenAI server?",
+}
+
+
+@dataclass(frozen=True)
+class ScrapeResult:
+    """Either the engine's sample, or why there is none, worded for a person."""
+
+    sample: EngineSample | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class _Reply:
+    body: str = ""
+    error: str | None = None
+    at: float = 0.0
+
+
+class MetricsScraper:
+    """Scrapes engines concurrently; at most ``concurrency`` requests are in flight at any time."""
+
+    def __init__(
+        self,
+        *,
+        timeout: float = 5.0,
+        concurrency: int = 64,
+        api_key: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if timeout <= 0 or concurrency < 1:
+            raise ValueError("timeout must be positive and concurrency at least 1")
+        self.timeout = timeout
+        self.concurrency = concurrency
+        self._clock = clock
+        # /metrics and /health are open in vLLM; a key only matters behind an authenticating proxy.
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._semaphore = asyncio.Semaphore(concurrency)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        # Created on first use, inside the running event loop that will own it.
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self.concurrency, keepalive_timeout=KEEPALIVE_SECONDS)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout), headers=self._headers
+            )
+        return self._session
+
+    async def scrape(self, targets: Mapping[str, str]) -> dict[str, ScrapeResult]:
+        """Scrape every target (name -> base URL such as ``http://10.0.0.5:8000``); one result per name."""
+        session = self._client()
+        names = list(targets)
+        results = await asyncio.gather(*(self._scrape_one(session, targets[name]) for name in names))
+        return dict(zip(names, results))
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _scrape_one(self, session: aiohttp.ClientSession, base_url: str) -> ScrapeResult:
+        health, metrics = await asyncio.gather(
+            self._get(session, base_url, "/health"), self._get(session, base_url, "/metrics")
+        )
+        # A dead engine core is the more useful thing to report when both fail.
+        error = health.error or metrics.error
+        if error is not None:
+            return ScrapeResult(error=error)
+        try:
+            return ScrapeResult(sample=parse_sample(metrics.body, metrics.at))
+        except ValueError as exc:
+            return ScrapeResult(error=f"GET /metrics answered text that is not usable: {exc}")
+
+    async def _get(self, session: aiohttp.ClientSession, base_url: str, path: str) -> _Reply:
+        url = base_url.rstrip("/") + path
+        # The semaphore is taken before the timeout starts: waiting for a slot is not the engine's fault.
+        async with self._semaphore:
+            try:
+                async with session.get(url) as response:
+                    body = await response.text()
+                    if response.status != 200:
+                        return _Reply(error=_status_error(path, response.status, body))
+                    return _Reply(body=body, at=self._clock())
+            except TimeoutError:
+                return _Reply(error=f"GET {path}: timeout after {self.timeout:g}s")
+            except aiohttp.ClientConnectorError as exc:
+                if isinstance(exc.os_error, ConnectionRefusedError):
+                    return _Reply(error=f"GET {path}: connection refused by {exc.host}:{exc.port}")
+                return _Reply(error=f"GET {path}: cannot connect to {exc.host}:{exc.port}: {exc.os_error}")
+            except aiohttp.ClientError as exc:
+                return _Reply(error=f"GET {path}: {type(exc).__name__}: {exc}")
+            except UnicodeDecodeError as exc:
+                return _Reply(error=f"GET {path}: body is not text: {exc}")
+
+
+def _status_error(path: str, status: int, body: str) -> str:
+    detail = STATUS_HINTS.get((path, status)) or " ".join(body.split())[:MAX_BODY_IN_ERROR]
+    return f"GET {path} answered {status}" + (f": {detail}" if detail else "")
+
+
+class ScrapeState:
+    """The last sample of every engine, per LLMDeployment, so each scrape can be turned into rates."""
+
+    def __init__(self) -> None:
+        self._previous: dict[Hashable, dict[str, EngineSample]] = {}
+
+    def advance(self, key: Hashable, current: Mapping[str, EngineSample], now_wall: datetime) -> EngineStats:
+        """Stats over the interval since the last call for ``key``; Pods not in ``current`` are forgotten."""
+        stats = aggregate(self._previous.get(key, {}), current, now_wall)
+        self._previous[key] = dict(current)
+        return stats
+
+    def retain(self, keys: Collection[Hashable]) -> None:
+        """Forget LLMDeployments that are gone."""
+        for key in self._previous.keys() - set(keys):
+            del self._previous[key]

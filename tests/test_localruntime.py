@@ -1,0 +1,358 @@
+"""The local-runtime node: spec translation offline, then pods and volumes on the local cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from kubernetes import client
+
+from devcluster import engine
+from devcluster.localruntime.container import ContainerRunner
+from devcluster.localruntime.pods import IpPool
+from devcluster.localruntime.probes import Prober
+from devcluster.localruntime.spec import (
+    ENGINE_MODULE,
+    LaunchPlan,
+    SpecError,
+    bind_to,
+    container_env,
+    engine_arguments,
+    expand,
+    is_engine_image,
+    launch_plan,
+    rewrite_path,
+)
+
+T = TypeVar("T")
+NODE = "local-0"
+
+
+class FakeObjects:
+    def __init__(self, secrets: dict[str, dict[str, bytes]], config_maps: dict[str, dict[str, bytes]]) -> None:
+        self.secrets = secrets
+        self.config_maps = config_maps
+
+    def secret(self, name: str) -> dict[str, bytes] | None:
+        return self.secrets.get(name)
+
+    def config_map(self, name: str) -> dict[str, bytes] | None:
+        return self.config_maps.get(name)
+
+
+def a_pod(container: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata": {"name": "web-0", "namespace": "ai", "uid": "u1", "labels": {"app": "web"}},
+            "spec": {"nodeName": NODE, "containers": [container]}}
+
+
+# --- offline: how a container spec becomes a process ------------------------------------------
+
+
+def test_expand_follows_kubelet_rules() -> None:
+    variables = {"A": "1", "B": "x y"}
+    assert expand("$(A)-$(B)", variables) == "1-x y"
+    assert expand("$$(A) $(MISSING) $", variables) == "$(A) $(MISSING) $"
+
+
+def test_container_env_resolves_every_source() -> None:
+    container = {
+        "name": "c",
+        "envFrom": [{"configMapRef": {"name": "settings"}, "prefix": "CFG_"}],
+        "env": [
+            {"name": "NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+            {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
+            {"name": "MAYBE", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k", "optional": True}}},
+            {"name": "URL", "value": "http://$(IP):8000/$(CFG_PATH)"},
+        ],
+    }
+    objects = FakeObjects({"creds": {"token": b"s3cret"}}, {"settings": {"PATH": b"v1"}})
+    env = container_env(container, a_pod(container), "127.0.10.7", objects)
+    assert env == {"CFG_PATH": "v1", "NAME": "web-0", "IP": "127.0.10.7", "APP": "web", "TOKEN": "s3cret",
+                   "URL": "http://127.0.10.7:8000/v1"}
+
+
+def test_a_missing_secret_is_a_config_error() -> None:
+    container = {"name": "c", "env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "nope", "key": "k"}}}]}
+    with pytest.raises(SpecError, match="secret nope not found"):
+        container_env(container, a_pod(container), "127.0.10.7", FakeObjects({}, {}))
+
+
+def test_rewrite_path_maps_mounts_and_flag_values(tmp_path: Path) -> None:
+    mounts = [("/data", tmp_path / "pv"), ("/data/cache", tmp_path / "cache")]
+    assert rewrite_path("/data/hf", mounts) == f"{tmp_path}/pv/hf"
+    assert rewrite_path("/data/cache/x", mounts) == f"{tmp_path}/cache/x"
+    assert rewrite_path("--download-dir=/data", mounts) == f"--download-dir={tmp_path}/pv"
+    assert rewrite_path("/database", mounts) == "/database"
+    assert rewrite_path("relative/data", mounts) == "relative/data"
+
+
+def test_engine_images_and_commands_are_recognised() -> None:
+    assert is_engine_image("vllm/vllm-openai:v0.32.0")
+    assert is_engine_image("registry.local:5000/team/vllm-cpu@sha256:abc")
+    assert not is_engine_image("registry.vllm.example:5000/busybox:1")
+    assert engine_arguments(["vllm", "serve", "org/m", "--port", "8000"]) == ["--model", "org/m", "--port", "8000"]
+    assert engine_arguments(["python3", "-m", ENGINE_MODULE, "--model", "m"]) == ["--model", "m"]
+    assert engine_arguments(["python3", "-m", "http.server"]) is None
+    assert bind_to(["--host", "0.0.0.0", "--port", "8000"], "127.0.10.3") == ["--host", "127.0.10.3", "--port", "8000"]
+    assert bind_to(["--host=::"], "127.0.10.3") == ["--host=127.0.10.3"]
+    assert bind_to(["--port", "8000"], "127.0.10.3") == ["--port", "8000", "--host", "127.0.10.3"]
+
+
+def test_launch_plan_for_the_vllm_server(tmp_path: Path) -> None:
+    engine_python = tmp_path / "engine" / "python"
+    engine_python.parent.mkdir()
+    engine_python.touch()
+    container = {
+        "name": "vllm", "image": "vllm/vllm-openai:v0.32.0", "command": ["vllm", "serve"],
+        "args": ["org/model", "--host", "0.0.0.0", "--download-dir", "/models/dl"],
+        "env": [{"name": "HF_HOME", "value": "/models/hf"}],
+    }
+    mounts = [("/models", tmp_path / "pv")]
+    plan = launch_plan(container, a_pod(container), "127.0.10.9", mounts, FakeObjects({}, {}), engine_python,
+                       tmp_path / "home", {"PATH": "/usr/bin"})
+    assert plan.engine
+    assert plan.argv == [str(engine_python), "-m", ENGINE_MODULE, "--model", "org/model", "--host", "127.0.10.9",
+                         "--download-dir", f"{tmp_path}/pv/dl"]
+    assert plan.env["HF_HOME"] == f"{tmp_path}/pv/hf"
+    assert plan.env["HOME"] == str(tmp_path / "home")
+    assert plan.cwd == tmp_path / "home"
+
+
+def test_launch_plan_for_other_images(tmp_path: Path) -> None:
+    container = {"name": "web", "image": "python:3.11", "command": ["python3", "-m", "http.server"]}
+    plan = launch_plan(container, a_pod(container), "127.0.10.9", [], FakeObjects({}, {}), tmp_path / "none",
+                       tmp_path, {"PATH": os.environ["PATH"]})
+    assert not plan.engine
+    assert plan.argv == [sys.executable, "-m", "http.server"]
+    with pytest.raises(SpecError, match="entrypoint"):
+        launch_plan({"name": "x", "image": "busybox"}, a_pod(container), "127.0.10.9", [], FakeObjects({}, {}),
+                    tmp_path / "none", tmp_path, {})
+
+
+def test_ip_pool_hands_out_unique_addresses() -> None:
+    pool = IpPool()
+    first = pool.allocate("a", None)
+    second = pool.allocate("b", first)  # taken, so another one
+    assert first.startswith("127.0.10.") and second != first
+    assert pool.allocate("a", None) == first
+    pool.release("a")
+    assert pool.allocate("c", first) == first  # a pod may keep its address across agent restarts
+
+
+def test_prober_thresholds() -> None:
+    prober = Prober({"initialDelaySeconds": 5, "periodSeconds": 2, "failureThreshold": 2, "successThreshold": 1}, 100)
+    assert not prober.due(104) and prober.due(105)
+    prober.record(False, 105)
+    assert not prober.failed and prober.next_at == 107
+    prober.record(False, 107)
+    assert prober.failed
+    prober.record(True, 109)
+    assert prober.passing and not prober.failed
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.5) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def run_locally(command: list[str], tmp_path: Path, restart_policy: str) -> ContainerRunner:
+    plan = LaunchPlan(command, dict(os.environ), tmp_path, engine=False)
+    return ContainerRunner({"name": "c", "image": "busybox"}, "ai/p", tmp_path / "c.log", restart_policy,
+                           lambda: plan, grace_seconds=2)
+
+
+def test_runner_records_a_failed_exit_with_its_output(tmp_path: Path) -> None:
+    runner = run_locally(["sh", "-c", "echo starting; echo broken >&2; exit 3"], tmp_path, "Never")
+
+    def finished() -> bool:
+        runner.tick("127.0.0.1", time.monotonic())
+        return runner.done
+
+    wait_for("the process to exit", finished, 10, 0.05)
+    terminated = runner.status()["state"]["terminated"]
+    assert terminated["exitCode"] == 3 and terminated["reason"] == "Error"
+    assert terminated["message"] == "starting\nbroken"
+
+
+def test_runner_restarts_with_back_off_and_stops_its_group(tmp_path: Path) -> None:
+    runner = run_locally(["sh", "-c", "sleep 60 & sleep 60"], tmp_path, "Always")
+    runner.tick("127.0.0.1", time.monotonic())
+    first = runner.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    wait_for("the exit to be seen", lambda: runner.tick("127.0.0.1", time.monotonic()) or runner.restart_count, 10)
+    status = runner.status()
+    assert status["state"]["waiting"]["reason"] == "CrashLoopBackOff"
+    assert status["lastState"]["terminated"]["exitCode"] == 137
+    # The background `sleep` of the killed run went with its process group.
+    assert subprocess.run(["pgrep", "-g", str(first)], capture_output=True).returncode == 1
+    wait_for("the restart", lambda: runner.tick("127.0.0.1", time.monotonic()) or runner.pid, 10)
+    runner.halt(2)
+    assert runner.done and runner.status()["state"]["terminated"]["exitCode"] == 143
+
+
+def test_hub_layout_resolves_the_snapshot(tmp_path: Path) -> None:
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "config.json").write_text("{}")
+    (files / "tokenizer.json").write_text("{}")
+    (files / "model.safetensors").write_bytes(b"\0" * 8)
+    snapshot = engine._write_hub_layout(files, tmp_path / "hf")
+    assert engine.model_snapshot(tmp_path / "hf") == snapshot
+    assert (snapshot / "model.safetensors").is_symlink()
+    assert (snapshot / "model.safetensors").read_bytes() == b"\0" * 8
+    assert snapshot.parent.parent.name == "models--vllm-operator--tiny-llama"
+
+
+# --- on the local cluster -------------------------------------------------------------------
+
+
+def read_pod(core: client.CoreV1Api, namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        response = core.read_namespaced_pod(name, namespace, _preload_content=False)
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    pod: dict[str, Any] = json.loads(response.data)
+    return pod
+
+
+def is_ready(pod: dict[str, Any] | None) -> bool:
+    conditions = (pod or {}).get("status", {}).get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def container_pid(pod: dict[str, Any]) -> int:
+    return int(pod["status"]["containerStatuses"][0]["containerID"].removeprefix("localruntime://"))
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def web_pod(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": NODE},
+            "terminationGracePeriodSeconds": 5,
+            "containers": [{
+                "name": "web", "image": "python:3.11",
+                "command": ["python3", "-m", "http.server", "--bind", "$(POD_IP)", "8080"],
+                "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+                "readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1},
+            }],
+        },
+    }
+
+
+@pytest.mark.cluster
+def test_pod_runs_restarts_and_dies_with_its_deletion(cluster: Any, namespace: str) -> None:
+    core = client.CoreV1Api(cluster.api_client)
+    core.create_namespaced_pod(namespace, web_pod("web"))
+
+    pod = wait_for("the pod to be Ready", lambda: (p := read_pod(core, namespace, "web")) and is_ready(p) and p, 60)
+    ip = pod["status"]["podIP"]
+    assert ip.startswith("127.") and pod["status"]["podIPs"] == [{"ip": ip}]
+    with urllib.request.urlopen(f"http://{ip}:8080/", timeout=5) as response:
+        assert response.status == 200
+
+    first = container_pid(pod)
+    os.kill(first, signal.SIGKILL)
+    pod = wait_for("a restart", lambda: (p := read_pod(core, namespace, "web")) and is_ready(p)
+                   and p["status"]["containerStatuses"][0]["restartCount"] == 1 and p, 60)
+    status = pod["status"]["containerStatuses"][0]
+    assert status["lastState"]["terminated"]["exitCode"] == 137
+    assert status["state"]["running"]
+    second = container_pid(pod)
+    assert second != first and process_alive(second)
+
+    core.delete_namespaced_pod("web", namespace)
+    wait_for("the pod to go", lambda: read_pod(core, namespace, "web") is None, 30)
+    assert not process_alive(second)
+
+
+def bound_claim_folder(core: client.CoreV1Api, namespace: str, name: str, size: str) -> Path:
+    core.create_namespaced_persistent_volume_claim(namespace, {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "local-path",
+                 "resources": {"requests": {"storage": size}}},
+    })
+
+    def bound() -> str | None:
+        claim = core.read_namespaced_persistent_volume_claim(name, namespace)
+        return claim.spec.volume_name if claim.status.phase == "Bound" else None
+
+    volume = core.read_persistent_volume(wait_for(f"claim {name} to bind", bound, 60))
+    assert volume.spec.capacity["storage"] == size
+    return Path(volume.spec.host_path.path)
+
+
+@pytest.mark.cluster
+def test_claim_is_provisioned_and_bound(cluster: Any, namespace: str) -> None:
+    folder = bound_claim_folder(client.CoreV1Api(cluster.api_client), namespace, "scratch", "1Gi")
+    assert folder.is_dir() and folder.parts[-2:] == (namespace, "scratch")
+
+
+@pytest.mark.cluster
+@pytest.mark.engine
+def test_vllm_server_on_the_tiny_model(cluster: Any, namespace: str) -> None:
+    if not engine.engine_ready() or engine.model_snapshot() is None:
+        pytest.skip("the engine venv or the tiny model is missing; run `make model`")
+    core = client.CoreV1Api(cluster.api_client)
+    folder = bound_claim_folder(core, namespace, "models", "2Gi")
+    engine.seed_hf_cache(folder / "hf")
+    health = {"httpGet": {"path": "/health", "port": 8000}, "periodSeconds": 1}
+    core.create_namespaced_pod(namespace, {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "engine"},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": NODE},
+            "containers": [{
+                "name": "vllm", "image": "vllm/vllm-openai:v0.32.0", "command": ["vllm", "serve"],
+                "args": [engine.MODEL_ID, "--host", "0.0.0.0", "--port", "8000", "--max-model-len", "512"],
+                "env": [{"name": "HF_HOME", "value": "/models/hf"}, {"name": "HF_HUB_OFFLINE", "value": "1"},
+                        {"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"},
+                        {"name": "VLLM_CACHE_ROOT", "value": "/models/vllm-cache"}],
+                "volumeMounts": [{"name": "models", "mountPath": "/models"}],
+                "startupProbe": {**health, "failureThreshold": 300},
+                "readinessProbe": health,
+            }],
+            "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "models"}}],
+        },
+    })
+    started = time.monotonic()
+    pod = wait_for("vLLM to be Ready", lambda: (p := read_pod(core, namespace, "engine")) and is_ready(p) and p,
+                   420, 2)
+    print(f"vLLM pod Ready after {time.monotonic() - started:.0f}s")
+    request = urllib.request.Request(
+        f"http://{pod['status']['podIP']}:8000/v1/chat/completions",
+        data=json.dumps({"model": engine.MODEL_ID, "max_tokens": 8,
+                         "messages": [{"role": "user", "content": "Hello!"}]}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        answer = json.load(response)
+    assert answer["usage"]["completion_tokens"] > 0
+    assert answer["choices"][0]["message"]["role"] == "assistant"
