@@ -11,6 +11,7 @@ import base64
 import contextlib
 import errno
 import fcntl
+import ipaddress
 import itertools
 import json
 import os
@@ -36,6 +37,8 @@ from devcluster.certs import Authority, Identity, KeyPair, service_account_key
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE_DIR_ENV = "VLLM_OPERATOR_CLUSTER_DIR"
 PORT_BASE_ENV = "VLLM_OPERATOR_CLUSTER_PORT_BASE"
+# A second cluster on the same machine needs its own range, or both would listen on the same Pod IPs.
+POD_CIDR_ENV = "VLLM_OPERATOR_CLUSTER_POD_CIDR"
 DEFAULT_PORT_BASE = 16400
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_IP = "10.96.0.1"
@@ -445,6 +448,9 @@ class LocalCluster:
 
     def _start(self, started: float, out: Out) -> None:
         ports = self.ports
+        pod_cidr = os.environ.get(POD_CIDR_ENV, nodes.POD_CIDR)
+        if not ipaddress.ip_network(pod_cidr, strict=False).is_loopback:
+            raise ClusterError(f"{POD_CIDR_ENV}={pod_cidr} is not in 127.0.0.0/8; simulated engines listen on loopback only")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         pki = self._pki()
         configs = self.state_dir / "config"
@@ -540,7 +546,7 @@ class LocalCluster:
                 [binary("kwok"), f"--kubeconfig={configs / 'kwok.kubeconfig'}", f"--config={stages}",
                  "--manage-all-nodes=false",
                  f"--manage-nodes-with-annotation-selector={nodes.KWOK_ANNOTATION}=fake",
-                 f"--cidr={nodes.POD_CIDR}", "--node-lease-duration-seconds=40", "--v=WARN"],
+                 f"--cidr={pod_cidr}", "--node-lease-duration-seconds=40", "--v=WARN"],
                 # kwok otherwise also reads ~/.kwok/kwok.yaml.
                 env={**os.environ, "KWOK_WORKDIR": str(self.state_dir / "kwok")})
             simulated = [node.name for node in nodes.NODES]
@@ -548,7 +554,7 @@ class LocalCluster:
                             lambda: self._nodes_ready(api, simulated, kwok_started), 30))
             simengines = self._process("simengines").start(
                 [sys.executable, "-m", "devcluster.simengines", f"--kubeconfig={configs / 'kwok.kubeconfig'}",
-                 f"--cidr={nodes.POD_CIDR}", f"--admin-port={ports.simengines_admin}"],
+                 f"--cidr={pod_cidr}", f"--admin-port={ports.simengines_admin}"],
                 env=_hack_env())
             waiting.append(("simengines", simengines, f"admin endpoint on port {ports.simengines_admin}",
                             lambda: _get(f"http://127.0.0.1:{ports.simengines_admin}/engines") == 200, 30))
