@@ -9,15 +9,16 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from kubernetes import client
 
 from devcluster import engine
+from devcluster.pytest_plugin import wait_for
 from devcluster.localruntime.container import ContainerRunner
+from devcluster.localruntime.node import LOCAL_RUNTIME_TAINT
 from devcluster.localruntime.pods import IpPool
 from devcluster.localruntime.probes import Prober
 from devcluster.localruntime.spec import (
@@ -33,7 +34,6 @@ from devcluster.localruntime.spec import (
     rewrite_path,
 )
 
-T = TypeVar("T")
 NODE = "local-0"
 
 
@@ -161,17 +161,6 @@ def test_prober_thresholds() -> None:
     assert prober.passing and not prober.failed
 
 
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.5) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
 def run_locally(command: list[str], tmp_path: Path, restart_policy: str) -> ContainerRunner:
     plan = LaunchPlan(command, dict(os.environ), tmp_path, engine=False)
     return ContainerRunner({"name": "c", "image": "busybox"}, "ai/p", tmp_path / "c.log", restart_policy,
@@ -256,7 +245,7 @@ def web_pod(name: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
         "spec": {
-            "nodeSelector": {"kubernetes.io/hostname": NODE},
+            "nodeSelector": {"kubernetes.io/hostname": NODE}, "tolerations": [LOCAL_RUNTIME_TAINT],
             "terminationGracePeriodSeconds": 5,
             "containers": [{
                 "name": "web", "image": "python:3.11",
@@ -328,7 +317,7 @@ def test_vllm_server_on_the_tiny_model(cluster: Any, namespace: str) -> None:
     core.create_namespaced_pod(namespace, {
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "engine"},
         "spec": {
-            "nodeSelector": {"kubernetes.io/hostname": NODE},
+            "nodeSelector": {"kubernetes.io/hostname": NODE}, "tolerations": [LOCAL_RUNTIME_TAINT],
             "containers": [{
                 "name": "vllm", "image": "vllm/vllm-openai:v0.32.0", "command": ["vllm", "serve"],
                 "args": [engine.MODEL_ID, "--host", "0.0.0.0", "--port", "8000", "--max-model-len", "512"],

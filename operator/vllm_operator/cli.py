@@ -63,6 +63,10 @@ def _configure_logging(fmt: str, level: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     # kopf logs every watch event at debug level; keep its info and above.
     logging.getLogger("kopf").setLevel(max(logging.INFO, logging.getLevelName(level.upper())))
+    if level != "debug":
+        # Per-event "handler succeeded" lines and health-probe access lines would drown the rest.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -83,12 +87,12 @@ def _run(args: argparse.Namespace) -> int:
         import os
 
         os.environ["KUBECONFIG"] = args.kubeconfig
+    # A peering name makes kopf wait for the peering CRDs; a standalone operator must not name one.
+    peering = {"peering_name": args.peering, "priority": args.priority} if args.peering else {"standalone": True}
     kopf.run(
-        namespaces=args.namespaces or None,
+        namespaces=args.namespaces,
         clusterwide=not args.namespaces,
-        standalone=args.peering is None,
-        peering_name=args.peering or "default",
-        priority=args.priority,
+        **peering,
         liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
         loop=asyncio.new_event_loop(),
     )

@@ -29,6 +29,7 @@ from vllm_operator.status import Observation, compute_status, status_changed, st
 log = logging.getLogger("vllm_operator.controller")
 
 Key = tuple[str, str]  # (namespace, name)
+RETRY_SECONDS = 5
 CHILD_KINDS = ("PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget")
 
 
@@ -135,10 +136,14 @@ class Controller:
             started, result = time.monotonic(), "success"
             try:
                 await self.reconcile(key)
-            except Exception:  # a bug or an outage must not stop the other LLMDeployments
+            except KubeError as exc:  # the apiserver's own words say enough; retry later
                 result = "error"
-                log.exception("reconcile failed", extra={"namespace": key[0], "name": key[1]})
-                asyncio.get_running_loop().call_later(5, self.queue.add, key)
+                log.warning(f"reconcile failed: {exc}", extra={"namespace": key[0], "llmdeployment": key[1]})
+                asyncio.get_running_loop().call_later(RETRY_SECONDS, self.queue.add, key)
+            except Exception:  # a bug must not stop the other LLMDeployments
+                result = "error"
+                log.exception("reconcile failed", extra={"namespace": key[0], "llmdeployment": key[1]})
+                asyncio.get_running_loop().call_later(RETRY_SECONDS, self.queue.add, key)
             finally:
                 self.queue.done(key)
                 observability.record_reconcile(result, time.monotonic() - started)
@@ -195,7 +200,7 @@ class Controller:
             observability.record_write("apply", kind)
             self.children.setdefault(key, {})[kind] = applied
             verb = "created" if current is None else "updated"
-            log.info(f"{kind} {verb}", extra={"namespace": owner.namespace, "name": owner.name})
+            log.info(f"{kind} {verb}", extra={"namespace": owner.namespace, "llmdeployment": owner.name})
             await self._event(body, "Normal", f"{kind}{verb.capitalize()}", f"{kind} {manifest['metadata']['name']} {verb}")
         if errors:
             self.apply_errors[key] = errors
@@ -207,7 +212,12 @@ class Controller:
         status = compute_status(observation, previous, now_rfc3339())
         if not status_changed(previous, status):
             return
-        await self.kube.apply_status(key[0], key[1], status)
+        try:
+            await self.kube.apply_status(key[0], key[1], status)
+        except KubeError as exc:
+            if exc.status == 404:  # deleted meanwhile; its DELETED event clears the stores
+                return
+            raise
         observability.record_write("apply", "LLMDeployment/status")
         self._statuses[key] = status
         observability.set_phase(key, status.get("phase"))

@@ -70,31 +70,33 @@ async def stop(**_: Any) -> None:
         await _state["kube"].close()
 
 
+# Handlers are coroutines on purpose: kopf runs plain functions in threads, and the controller's
+# asyncio queue must only be touched from the event loop.
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
-def llmdeployment_changed(event: kopf.RawEvent, **_: Any) -> None:
+async def llmdeployment_changed(event: kopf.RawEvent, **_: Any) -> None:
     _controller().observe_resource(event["type"], event["object"])
 
 
 @kopf.on.event("pods", labels=_OWNED)
-def pod_changed(event: kopf.RawEvent, **_: Any) -> None:
+async def pod_changed(event: kopf.RawEvent, **_: Any) -> None:
     _controller().observe_child("Pod", event["type"], event["object"])
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=_OWNED)
-def deployment_changed(event: kopf.RawEvent, **_: Any) -> None:
+async def deployment_changed(event: kopf.RawEvent, **_: Any) -> None:
     _controller().observe_child("Deployment", event["type"], event["object"])
 
 
 @kopf.on.event("services", labels=_OWNED)
-def service_changed(event: kopf.RawEvent, **_: Any) -> None:
+async def service_changed(event: kopf.RawEvent, **_: Any) -> None:
     _controller().observe_child("Service", event["type"], event["object"])
 
 
 @kopf.on.event("persistentvolumeclaims", labels=_OWNED)
-def claim_changed(event: kopf.RawEvent, **_: Any) -> None:
+async def claim_changed(event: kopf.RawEvent, **_: Any) -> None:
     _controller().observe_child("PersistentVolumeClaim", event["type"], event["object"])
 
 
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=_OWNED)
-def disruption_budget_changed(event: kopf.RawEvent, **_: Any) -> None:
+async def disruption_budget_changed(event: kopf.RawEvent, **_: Any) -> None:
     _controller().observe_child("PodDisruptionBudget", event["type"], event["object"])

@@ -44,7 +44,8 @@ def set_phase(key: tuple[str, str], phase: str | None) -> None:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line, with the namespace/name of the object when the record has them."""
+    """One JSON object per line, with the LLMDeployment's namespace and name when the record has them
+    (passed as ``extra``; ``name`` itself is taken by the logger's name)."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -53,7 +54,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for attr in ("namespace", "name"):
+        for attr in ("namespace", "llmdeployment"):
             if hasattr(record, attr):
                 entry[attr] = getattr(record, attr)
         if record.exc_info:

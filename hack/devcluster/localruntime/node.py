@@ -15,6 +15,8 @@ from devcluster.localruntime.kube import MERGE, TIMEOUT, Obj, call, is_not_found
 from devcluster.localruntime.log import event
 
 LOCAL_RUNTIME_LABEL = "vllm-operator.io/local-runtime"
+# Only pods that ask for real processes run here; any other small pod would otherwise fit too.
+LOCAL_RUNTIME_TAINT = {"key": LOCAL_RUNTIME_LABEL, "value": "true", "effect": "NoSchedule"}
 MAX_PODS = 16
 HEARTBEAT_SECONDS = 10
 # The Lease is the liveness signal; the full status only needs a refresh now and then (kubelet: 5 min).
@@ -69,14 +71,16 @@ class NodeAgent:
         }
 
     def register(self) -> None:
-        body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.name, "labels": self._labels()}}
+        body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.name, "labels": self._labels()},
+                "spec": {"taints": [LOCAL_RUNTIME_TAINT]}}
         try:
             call(self.core.create_node, body)
             event("node.registered", node=self.name)
         except client.ApiException as exc:
             if exc.status != 409:
                 raise
-            self.core.patch_node(self.name, {"metadata": {"labels": self._labels()}}, _request_timeout=TIMEOUT)
+            self.core.patch_node(self.name, {"metadata": {"labels": self._labels()}, "spec": body["spec"]},
+                                 _request_timeout=TIMEOUT)
             event("node.reclaimed", node=self.name)
         self._ready_since = timestamp()
         self.post_status()

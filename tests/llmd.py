@@ -1,0 +1,82 @@
+"""Helpers for tests that drive LLMDeployments through the real apiserver."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from devcluster.pytest_plugin import wait_for
+from vllm_operator import api
+from vllm_operator.manifests import SELECTOR_LABEL
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+Obj = dict[str, Any]
+
+
+def example(name: str) -> Obj:
+    manifest: Obj = yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
+    return manifest
+
+
+def custom(api_client: client.ApiClient) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api_client)
+
+
+def create(api_client: client.ApiClient, namespace: str, manifest: Obj) -> Obj:
+    body = copy.deepcopy(manifest)
+    body["metadata"]["namespace"] = namespace
+    created: Obj = custom(api_client).create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, body)
+    return created
+
+
+def get(api_client: client.ApiClient, namespace: str, name: str) -> Obj | None:
+    try:
+        found: Obj = custom(api_client).get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return found
+
+
+def patch_spec(api_client: client.ApiClient, namespace: str, name: str, spec: Obj) -> Obj:
+    patched: Obj = custom(api_client).patch_namespaced_custom_object(
+        api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"spec": spec})
+    return patched
+
+
+def delete(api_client: client.ApiClient, namespace: str, name: str) -> None:
+    custom(api_client).delete_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name)
+
+
+def condition(obj: Obj | None, type_: str) -> Obj | None:
+    return next((c for c in ((obj or {}).get("status") or {}).get("conditions") or [] if c["type"] == type_), None)
+
+
+def wait_phase(api_client: client.ApiClient, namespace: str, name: str, phase: str, timeout: float = 60) -> Obj:
+    """The resource once its status reports ``phase`` for its current generation."""
+
+    def reached() -> Obj | None:
+        obj = get(api_client, namespace, name)
+        status = (obj or {}).get("status") or {}
+        current = status.get("observedGeneration") == (obj or {}).get("metadata", {}).get("generation")
+        return obj if obj is not None and current and status.get("phase") == phase else None
+
+    def last_seen() -> str:
+        status = (get(api_client, namespace, name) or {}).get("status") or {}
+        return f"phase {phase} of {namespace}/{name} (last status: {status})"
+
+    try:
+        return wait_for(f"phase {phase}", reached, timeout)
+    except AssertionError:
+        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {last_seen()}") from None
+
+
+def owned_pods(api_client: client.ApiClient, namespace: str, name: str) -> list[client.V1Pod]:
+    pods = client.CoreV1Api(api_client).list_namespaced_pod(namespace, label_selector=f"{SELECTOR_LABEL}={name}")
+    return [p for p in pods.items if p.metadata.deletion_timestamp is None]

@@ -1,0 +1,167 @@
+"""The operator against the real apiserver, scheduler and controller manager: what `kubectl apply`
+of an LLMDeployment leads to. Pods on the simulated nodes are run by kwok and their engines are
+simulated, so these tests see scheduling and status exactly, without accelerators."""
+
+from __future__ import annotations
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+import llmd
+from devcluster.operatorproc import OperatorProcess
+from devcluster.pytest_plugin import Cluster, wait_for
+from vllm_operator.manifests import cache_claim_name
+
+pytestmark = pytest.mark.cluster
+
+# Example manifest -> the nodes its engine Pods may land on.
+EXAMPLE_NODES = {
+    "llama3-8b-h100": {"gpu-h100-0", "gpu-h100-1"},
+    "mistral-awq-hf-token": {"gpu-h100-0", "gpu-h100-1"},
+    "mistral-7b-tp4": {"gpu-h100-0", "gpu-h100-1"},
+    "llama3-70b-gaudi-tp8": {"gaudi-0"},
+    "cpu-qwen": {"cpu-0"},
+}
+
+
+def core(cluster: Cluster) -> client.CoreV1Api:
+    return client.CoreV1Api(cluster.api_client)
+
+
+def apps(cluster: Cluster) -> client.AppsV1Api:
+    return client.AppsV1Api(cluster.api_client)
+
+
+def read_or_none(read, *args):  # type: ignore[no-untyped-def]
+    try:
+        return read(*args)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def engine_args(cluster: Cluster, namespace: str, name: str) -> list[str]:
+    deployment = apps(cluster).read_namespaced_deployment(name, namespace)
+    return list(deployment.spec.template.spec.containers[0].args)
+
+
+def small(manifest: dict, **spec: object) -> dict:
+    """An example with a small cache, so tests do not pretend to fill the disk."""
+    manifest["spec"].setdefault("cache", {})["size"] = "1Gi"
+    manifest["spec"].update(spec)
+    return manifest
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLE_NODES))
+def test_example_lands_on_its_accelerator_and_becomes_ready(
+    operator: OperatorProcess, cluster: Cluster, namespace: str, name: str
+) -> None:
+    manifest = small(llmd.example(name))
+    resource = manifest["metadata"]["name"]
+    llmd.create(cluster.api_client, namespace, manifest)
+    ready = llmd.wait_phase(cluster.api_client, namespace, resource, "Ready", 90)
+
+    pods = llmd.owned_pods(cluster.api_client, namespace, resource)
+    assert pods and {p.spec.node_name for p in pods} <= EXAMPLE_NODES[name]
+    assert ready["status"]["ready"] == "1/1"
+    scraped = wait_for("engine metrics in the status", lambda: (
+        (obj := llmd.get(cluster.api_client, namespace, resource)) and "engine" in obj["status"] and obj), 30)
+    assert scraped["status"]["engine"]["scrapedReplicas"] == 1
+    assert llmd.condition(ready, "Ready")["reason"] == "EngineReady"
+    assert read_or_none(core(cluster).read_namespaced_service, resource, namespace) is not None
+    claim = core(cluster).read_namespaced_persistent_volume_claim(cache_claim_name(resource), namespace)
+    assert claim.metadata.labels["app.kubernetes.io/managed-by"] == "vllm-operator"
+
+
+def test_spec_change_rolls_the_engine(operator: OperatorProcess, cluster: Cluster, namespace: str) -> None:
+    llmd.create(cluster.api_client, namespace, small(llmd.example("llama3-8b-h100")))
+    llmd.wait_phase(cluster.api_client, namespace, "llama-3-8b", "Ready", 90)
+    before = {p.metadata.name for p in llmd.owned_pods(cluster.api_client, namespace, "llama-3-8b")}
+
+    llmd.patch_spec(cluster.api_client, namespace, "llama-3-8b", {"engine": {"maxModelLen": 4096}})
+    wait_for("--max-model-len 4096 in the Deployment",
+             lambda: "4096" in engine_args(cluster, namespace, "llama-3-8b"), 30)
+    args = engine_args(cluster, namespace, "llama-3-8b")
+    assert args[args.index("--max-model-len") + 1] == "4096"
+    ready = llmd.wait_phase(cluster.api_client, namespace, "llama-3-8b", "Ready", 90)
+    after = {p.metadata.name for p in llmd.owned_pods(cluster.api_client, namespace, "llama-3-8b")}
+    assert after and not after & before, "the engine Pod was not replaced"
+    assert ready["status"]["observedGeneration"] == 2
+    assert all(c["observedGeneration"] == 2 for c in ready["status"]["conditions"])
+
+
+def test_deleted_or_edited_children_are_restored(operator: OperatorProcess, cluster: Cluster, namespace: str) -> None:
+    llmd.create(cluster.api_client, namespace, small(llmd.example("cpu-qwen")))
+    llmd.wait_phase(cluster.api_client, namespace, "qwen-cpu", "Ready", 90)
+    service = core(cluster).read_namespaced_service("qwen-cpu", namespace)
+
+    core(cluster).delete_namespaced_service("qwen-cpu", namespace)
+    recreated = wait_for("the Service to come back", lambda: (
+        (s := read_or_none(core(cluster).read_namespaced_service, "qwen-cpu", namespace))
+        and s.metadata.uid != service.metadata.uid and s), 30)
+    assert recreated.spec.ports[0].port == 8000
+
+    apps(cluster).patch_namespaced_deployment("qwen-cpu", namespace, {"spec": {"replicas": 3}})
+    wait_for("the Deployment's replicas to be set back to 1",
+             lambda: apps(cluster).read_namespaced_deployment("qwen-cpu", namespace).spec.replicas == 1, 30)
+
+
+def test_delete_keeps_the_model_cache_unless_asked(operator: OperatorProcess, cluster: Cluster, namespace: str) -> None:
+    kept = small(llmd.example("cpu-qwen"))
+    dropped = small(llmd.example("cpu-qwen"))
+    dropped["metadata"]["name"] = "qwen-scratch"
+    dropped["spec"]["cache"]["retainOnDelete"] = False
+    for manifest in (kept, dropped):
+        llmd.create(cluster.api_client, namespace, manifest)
+    for name in ("qwen-cpu", "qwen-scratch"):
+        llmd.wait_phase(cluster.api_client, namespace, name, "Ready", 90)
+        llmd.delete(cluster.api_client, namespace, name)
+
+    def children_gone() -> bool:
+        deployments = apps(cluster).list_namespaced_deployment(namespace).items
+        services = core(cluster).list_namespaced_service(namespace).items
+        pods = core(cluster).list_namespaced_pod(namespace).items
+        return not deployments and not services and not pods
+
+    wait_for("the garbage collector to remove Deployments, Services and Pods", children_gone, 60)
+    wait_for("the claim of qwen-scratch to go", lambda: read_or_none(
+        core(cluster).read_namespaced_persistent_volume_claim, cache_claim_name("qwen-scratch"), namespace) is None, 60)
+    claim = core(cluster).read_namespaced_persistent_volume_claim(cache_claim_name("qwen-cpu"), namespace)
+    assert claim.metadata.deletion_timestamp is None and not claim.metadata.owner_references
+
+
+def test_more_gpus_than_a_node_has_is_reported_unschedulable(
+    operator: OperatorProcess, cluster: Cluster, namespace: str
+) -> None:
+    manifest = small(llmd.example("mistral-7b-tp4"))
+    manifest["spec"]["accelerator"]["count"] = 9
+    manifest["spec"]["engine"]["tensorParallelSize"] = 9
+    llmd.create(cluster.api_client, namespace, manifest)
+    pending = llmd.wait_phase(cluster.api_client, namespace, "mistral-7b", "Pending", 60)
+    pending = wait_for("the Unschedulable condition", lambda: (
+        (obj := llmd.get(cluster.api_client, namespace, "mistral-7b"))
+        and (llmd.condition(obj, "Unschedulable") or {}).get("status") == "True" and obj), 30)
+    unschedulable = llmd.condition(pending, "Unschedulable")
+    assert "Insufficient nvidia.com/gpu" in unschedulable["message"]
+    assert llmd.condition(pending, "Ready")["reason"] == "Unschedulable"
+    events = core(cluster).list_namespaced_event(namespace, field_selector="involvedObject.name=mistral-7b").items
+    assert any(e.reason == "Unschedulable" and e.type == "Warning" for e in events)
+
+
+def test_spec_the_apiserver_accepts_but_vllm_would_not_is_reported(
+    operator: OperatorProcess, cluster: Cluster, namespace: str
+) -> None:
+    manifest = small(llmd.example("cpu-qwen"))
+    manifest["spec"]["engine"]["extraArgs"] = ["--no-such-flag"]
+    llmd.create(cluster.api_client, namespace, manifest)
+    failed = llmd.wait_phase(cluster.api_client, namespace, "qwen-cpu", "Failed", 30)
+    ready = llmd.condition(failed, "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
+    assert "--no-such-flag" in ready["message"] and "spec.engine" in ready["message"]
+    assert read_or_none(apps(cluster).read_namespaced_deployment, "qwen-cpu", namespace) is None
+    assert operator.process is not None and operator.process.poll() is None
+
+    llmd.patch_spec(cluster.api_client, namespace, "qwen-cpu", {"engine": {"extraArgs": ["--enable-auto-tool-choice"]}})
+    llmd.wait_phase(cluster.api_client, namespace, "qwen-cpu", "Ready", 90)
