@@ -14,7 +14,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from devcluster.cluster import PORT_BASE_ENV, REPO_ROOT, STATE_DIR_ENV, ClusterError, LocalCluster, Ports
+from devcluster.cluster import PORT_BASE_ENV, REPO_ROOT, STATE_DIR_ENV, ClusterError, LocalCluster, Ports, pod_ranges
 from devcluster.pytest_plugin import Cluster, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -197,3 +197,11 @@ def test_a_busy_port_is_one_clear_error(tmp_path: Path) -> None:
     assert cli.returncode == 1 and cli.stdout == ""
     assert cli.stderr.strip().splitlines() == [f"error: {message}"]
     assert not list(state_dir.glob("run/*.pid"))
+
+
+def test_pod_range_is_split_between_kwok_and_the_local_runtime_node() -> None:
+    assert pod_ranges("127.64.0.0/16") == ("127.64.0.0/17", "127.64.255.0/24")
+    with pytest.raises(ClusterError, match="inside 127.0.0.0/8"):
+        pod_ranges("10.244.0.0/16")
+    with pytest.raises(ClusterError, match="/22 or larger"):
+        pod_ranges("127.64.0.0/24")

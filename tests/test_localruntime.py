@@ -145,6 +145,7 @@ def test_ip_pool_hands_out_unique_addresses() -> None:
     first = pool.allocate("a", None)
     second = pool.allocate("b", first)  # taken, so another one
     assert first.startswith("127.0.10.") and second != first
+    assert IpPool("127.64.255.0/24").allocate("a", None).startswith("127.64.255.")
     assert pool.allocate("a", None) == first
     pool.release("a")
     assert pool.allocate("c", first) == first  # a pod may keep its address across agent restarts

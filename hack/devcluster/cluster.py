@@ -241,6 +241,19 @@ def _get(url: str, context: ssl.SSLContext | None = None, timeout: float = 2.0) 
         return None
 
 
+def pod_ranges(cidr: str) -> tuple[str, str]:
+    """kwok's Pod IPs (the first half of ``cidr``) and the local-runtime node's (its last /24)."""
+    try:
+        network = ipaddress.ip_network(cidr)
+    except ValueError as exc:
+        raise ClusterError(f"{POD_CIDR_ENV}={cidr}: {exc}") from None
+    if not network.is_loopback or network.prefixlen > 22:
+        raise ClusterError(f"{POD_CIDR_ENV}={cidr} must be a /22 or larger inside 127.0.0.0/8: "
+                           "every Pod IP is served on loopback")
+    first_half, second_half = network.subnets(prefixlen_diff=1)
+    return str(first_half), str(list(second_half.subnets(new_prefix=24))[-1])
+
+
 def _hack_env() -> dict[str, str]:
     """The environment of this repo's helper processes: unbuffered, with ``hack/`` importable."""
     path = os.pathsep.join(filter(None, [str(REPO_ROOT / "hack"), os.environ.get("PYTHONPATH")]))
@@ -268,6 +281,7 @@ def _healthz(port: int) -> Callable[[], bool]:
 class LocalCluster:
     state_dir: Path = field(default_factory=default_state_dir)
     ports: Ports = field(default_factory=Ports.from_env)
+    pod_cidr: str = field(default_factory=lambda: os.environ.get(POD_CIDR_ENV, nodes.POD_CIDR))
 
     def __post_init__(self) -> None:
         self.state_dir = self.state_dir.resolve()
@@ -448,9 +462,7 @@ class LocalCluster:
 
     def _start(self, started: float, out: Out) -> None:
         ports = self.ports
-        pod_cidr = os.environ.get(POD_CIDR_ENV, nodes.POD_CIDR)
-        if not ipaddress.ip_network(pod_cidr, strict=False).is_loopback:
-            raise ClusterError(f"{POD_CIDR_ENV}={pod_cidr} is not in 127.0.0.0/8; simulated engines listen on loopback only")
+        kwok_pods, local_pods = pod_ranges(self.pod_cidr)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         pki = self._pki()
         configs = self.state_dir / "config"
@@ -546,7 +558,7 @@ class LocalCluster:
                 [binary("kwok"), f"--kubeconfig={configs / 'kwok.kubeconfig'}", f"--config={stages}",
                  "--manage-all-nodes=false",
                  f"--manage-nodes-with-annotation-selector={nodes.KWOK_ANNOTATION}=fake",
-                 f"--cidr={pod_cidr}", "--node-lease-duration-seconds=40", "--v=WARN"],
+                 f"--cidr={kwok_pods}", "--node-lease-duration-seconds=40", "--v=WARN"],
                 # kwok otherwise also reads ~/.kwok/kwok.yaml.
                 env={**os.environ, "KWOK_WORKDIR": str(self.state_dir / "kwok")})
             simulated = [node.name for node in nodes.NODES]
@@ -554,7 +566,7 @@ class LocalCluster:
                             lambda: self._nodes_ready(api, simulated, kwok_started), 30))
             simengines = self._process("simengines").start(
                 [sys.executable, "-m", "devcluster.simengines", f"--kubeconfig={configs / 'kwok.kubeconfig'}",
-                 f"--cidr={pod_cidr}", f"--admin-port={ports.simengines_admin}"],
+                 f"--cidr={kwok_pods}", f"--admin-port={ports.simengines_admin}"],
                 env=_hack_env())
             waiting.append(("simengines", simengines, f"admin endpoint on port {ports.simengines_admin}",
                             lambda: _get(f"http://127.0.0.1:{ports.simengines_admin}/engines") == 200, 30))
@@ -562,7 +574,8 @@ class LocalCluster:
                 agent = self._process("localruntime").start(
                     [sys.executable, "-m", "devcluster.localruntime",
                      f"--kubeconfig={configs / 'localruntime.kubeconfig'}",
-                     f"--state-dir={self.state_dir / 'localruntime'}", f"--node={LOCAL_NODE}"],
+                     f"--state-dir={self.state_dir / 'localruntime'}", f"--node={LOCAL_NODE}",
+                     f"--pod-subnet={local_pods}"],
                     env=_hack_env())
                 waiting.append(("localruntime", agent, f"node {LOCAL_NODE} Ready",
                                 lambda: self._nodes_ready(api, [LOCAL_NODE]), 60))

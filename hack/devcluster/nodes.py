@@ -14,7 +14,7 @@ from devcluster.binaries import KUBERNETES_VERSION, KWOK_VERSION
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 SIMULATED_LABEL = "node-role.vllm-operator.io/simulated"
 # Loopback, so the simulated engines can listen on every Pod IP kwok hands out.
-POD_CIDR = "127.64.0.0/16"
+POD_CIDR = "127.64.0.0/16"  # kwok takes the first half, the local-runtime node the last /24
 STORAGE_CLASS = "local-path"
 PROVISIONER = "vllm-operator.io/local-path"
 TIMEOUT = (5, 30)  # connect, read: a wedged API server must not hang `up`

@@ -17,7 +17,7 @@ from devcluster.engine import engine_python
 from devcluster.localruntime.kube import api_client
 from devcluster.localruntime.log import event
 from devcluster.localruntime.node import NodeAgent
-from devcluster.localruntime.pods import PodManager
+from devcluster.localruntime.pods import DEFAULT_SUBNET, PodManager
 from devcluster.localruntime.volumes import Provisioner
 
 # Every process the agent starts carries this variable, so a later agent can find orphans of a
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--state-dir", required=True, type=Path)
     parser.add_argument("--node", default="local-0")
+    parser.add_argument("--pod-subnet", default=DEFAULT_SUBNET, help="loopback /24 for pod IPs (default: %(default)s)")
     parser.add_argument("--engine-python", type=Path, default=engine_python(),
                         help="interpreter of the vLLM engine venv (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     node = NodeAgent(api, args.node, state_dir, stop)
     base_env = {key: os.environ[key] for key in PASSED_ENV if key in os.environ}
     base_env[MARKER] = str(state_dir)
-    pods = PodManager(api, args.node, state_dir, args.engine_python, base_env, stop)
+    pods = PodManager(api, args.node, state_dir, args.engine_python, base_env, stop, args.pod_subnet)
     provisioner = Provisioner(api, state_dir, stop)
     event("agent.starting", node=args.node, state_dir=str(state_dir), pid=os.getpid(),
           engine_python=str(args.engine_python))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 import threading
 import time
@@ -23,12 +24,18 @@ SHUTDOWN_GRACE_SECONDS = 5.0
 TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
+DEFAULT_SUBNET = "127.0.10.0/24"
+
+
 class IpPool:
-    """Unique pod addresses from 127.0.10.0/24 (all of 127/8 reaches the loopback device)."""
+    """Unique pod addresses from one loopback /24 (all of 127/8 reaches the loopback device)."""
 
-    PREFIX = "127.0.10."
-
-    def __init__(self) -> None:
+    def __init__(self, subnet: str = DEFAULT_SUBNET) -> None:
+        network = ipaddress.ip_network(subnet)
+        if network.prefixlen != 24 or not network.is_loopback:
+            raise ValueError(f"pod subnet {subnet} must be a /24 inside 127.0.0.0/8")
+        self.subnet = subnet
+        self.prefix = str(network.network_address).rsplit(".", 1)[0] + "."
         self._by_uid: dict[str, str] = {}
         self._lock = threading.Lock()
         self._cursor = 1
@@ -38,18 +45,18 @@ class IpPool:
             if uid in self._by_uid:
                 return self._by_uid[uid]
             used = set(self._by_uid.values())
-            if preferred and preferred.startswith(self.PREFIX) and preferred not in used:
+            if preferred and preferred.startswith(self.prefix) and preferred not in used:
                 address = preferred
             else:
                 # Walk on from the last handout so a just-freed address is not reused at once.
                 for step in range(1, 254):
-                    candidate = f"{self.PREFIX}{(self._cursor + step - 2) % 253 + 2}"
+                    candidate = f"{self.prefix}{(self._cursor + step - 2) % 253 + 2}"
                     if candidate not in used:
                         address = candidate
                         self._cursor = int(candidate.rsplit(".", 1)[1])
                         break
                 else:
-                    raise RuntimeError("no free pod address left in 127.0.10.0/24")
+                    raise RuntimeError(f"no free pod address left in {self.subnet}")
             self._by_uid[uid] = address
             return address
 
@@ -313,7 +320,7 @@ class PodManager:
     """Watches the pods bound to the node and keeps one worker per pod."""
 
     def __init__(self, api: client.ApiClient, node: str, state_dir: Path, engine_python: Path,
-                 base_env: Mapping[str, str], stop: threading.Event) -> None:
+                 base_env: Mapping[str, str], stop: threading.Event, pod_subnet: str = DEFAULT_SUBNET) -> None:
         self.core = client.CoreV1Api(api)
         self.node = node
         self.state_dir = state_dir
@@ -321,7 +328,7 @@ class PodManager:
         self.base_env = dict(base_env)
         self.stop = stop
         self.stopping = threading.Event()
-        self.pool = IpPool()
+        self.pool = IpPool(pod_subnet)
         self.workers: dict[str, PodWorker] = {}
         self.finished: set[str] = set()
         self.lock = threading.Lock()
