@@ -17,7 +17,35 @@ from pathlib import Path
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
+
+
+def operator_command(kubeconfig: Path, metrics_port: int, health_port: int, extra_args: list[str]) -> list[str]:
+    return [
+        sys.executable, "-m", "vllm_operator.cli", "run",
+        "--kubeconfig", str(kubeconfig),
+        "--metrics-port", str(metrics_port),
+        "--health-port", str(health_port),
+        *extra_args,
+    ]
+
+
+def operator_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def wait_healthy(process: subprocess.Popen[bytes], health_port: int, log_file: Path, timeout: float = 60.0) -> None:
+    """Return once the operator's liveness endpoint answers; RuntimeError naming the log otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the operator exited with code {process.returncode}; see {log_file}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=2):
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.3)
+    raise RuntimeError(f"the operator did not report healthy within {timeout:.0f}s; see {log_file}")
 
 
 @dataclass
@@ -37,29 +65,16 @@ class OperatorProcess:
 
     def start(self, timeout: float = 60.0) -> OperatorProcess:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        command = [
-            sys.executable, "-m", "vllm_operator.cli", "run",
-            "--kubeconfig", str(self.kubeconfig),
-            "--metrics-port", str(self.metrics_port),
-            "--health-port", str(self.health_port),
-            *self.extra_args,
-        ]
+        command = operator_command(self.kubeconfig, self.metrics_port, self.health_port, self.extra_args)
         with self.log_file.open("ab") as log:
-            self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the operator exited with code {self.process.returncode}; see {self.log_file}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2):
-                    return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"the operator did not report healthy within {timeout:.0f}s; see {self.log_file}")
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                            env=operator_env())
+        try:
+            wait_healthy(self.process, self.health_port, self.log_file, timeout)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def stop(self, grace: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -1,0 +1,73 @@
+"""`make demo` as a new user runs it: the real engine answers, and `make demo-down` leaves nothing."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from devcluster.cluster import REPO_ROOT, Ports
+
+pytestmark = [pytest.mark.cluster, pytest.mark.engine]
+
+# Away from the test cluster's and a user's demo's ports and Pod range.
+PORT_BASE = 17600
+
+
+def demo(command: str, state_dir: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "hack"), os.environ.get("PYTHONPATH", "")]),
+           "VLLM_OPERATOR_DEMO_DIR": str(state_dir), "VLLM_OPERATOR_DEMO_PORT_BASE": str(PORT_BASE),
+           "VLLM_OPERATOR_DEMO_POD_CIDR": "127.74.0.0/16"}
+    return subprocess.run([sys.executable, "-m", "devcluster.demo", command], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def alive_pids(state_dir: Path) -> list[int]:
+    alive = []
+    for pid_file in state_dir.rglob("run/*.pid"):
+        pid = int(pid_file.read_text().split()[0])
+        if Path(f"/proc/{pid}").exists():
+            alive.append(pid)
+    return alive
+
+
+def test_demo_serves_a_real_completion_and_cleans_up(tmp_path: Path) -> None:
+    state_dir = tmp_path / "demo"
+    try:
+        up = demo("up", state_dir, 900)
+        assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-4000:]
+        usage = re.search(r"completion_tokens=(\d+); engine vllm:generation_tokens_total (\d+) -> (\d+)", up.stdout)
+        assert usage, up.stdout[-3000:]
+        completion, before, after = map(int, usage.groups())
+        assert completion > 0 and after >= before + completion
+        assert re.search(r"^\s+tiny\s+vllm-operator/tiny-llama\s+cpu\s+1/1\s+Ready", up.stdout, re.M)
+        assert "kubectl get llmd -w" in up.stdout and "make demo-down" in up.stdout
+        assert "total" in up.stdout
+
+        again = demo("up", state_dir, 600)  # a second run reuses what is there
+        assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+        assert "local cluster already running" in again.stdout
+    finally:
+        pids = alive_pids(state_dir)
+        down = demo("down", state_dir, 180)
+    assert down.returncode == 0, down.stderr
+    assert pids and not any(Path(f"/proc/{pid}").exists() for pid in pids)
+    assert not state_dir.exists()
+
+
+def test_a_taken_port_stops_the_demo_with_one_line(tmp_path: Path) -> None:
+    state_dir = tmp_path / "demo"
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", Ports(PORT_BASE).apiserver))
+        blocker.listen()
+        failed = demo("up", state_dir, 600)
+    assert failed.returncode == 1
+    reason = [line for line in failed.stderr.splitlines() if line.startswith("demo failed:")]
+    assert len(reason) == 1 and str(Ports(PORT_BASE).apiserver) in reason[0], failed.stderr
+    assert alive_pids(state_dir) == []
+    demo("down", state_dir, 60)
