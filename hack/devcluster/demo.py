@@ -51,6 +51,7 @@ CHART = REPO_ROOT / "charts" / "vllm-operator"
 MIN_AVAILABLE_GIB = 4.0
 READY_TIMEOUT = 420.0
 SCRAPE_INTERVAL = 5
+HEARTBEAT_SECONDS = 10
 
 
 class DemoError(RuntimeError):
@@ -168,15 +169,19 @@ class Demo:
 
     def _wait_ready(self, api_client: client.ApiClient, name: str) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
-        began, last = time.monotonic(), None
+        began, last, said = time.monotonic(), None, time.monotonic()
         while time.monotonic() < deadline:
             resource = _get(api_client, name) or {}
             status = resource.get("status") or {}
             ready = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
             seen = (status.get("phase"), ready.get("message"))
+            elapsed = time.monotonic() - began
             if seen != last and seen[0]:
-                self.out(f"    {time.monotonic() - began:6.1f}s  phase {seen[0]:<9} {seen[1] or ''}")
-                last = seen
+                self.out(f"    {elapsed:6.1f}s  phase {seen[0]:<9} {seen[1] or ''}")
+                last, said = seen, time.monotonic()
+            elif time.monotonic() - said >= HEARTBEAT_SECONDS:
+                self.out(f"    {elapsed:6.1f}s  still {seen[0]}; engine log: {_last_line(self._engine_log(name))}")
+                said = time.monotonic()
             if status.get("phase") == "Ready":
                 return
             self._check_engine(api_client, name, status)
@@ -234,7 +239,7 @@ class Demo:
 The demo is still running. Try:
   export KUBECONFIG={self.kubeconfig}
   kubectl get llmd -w                      # live RUNNING, WAITING, KV%, TOK/S
-  kubectl describe llmd {name}                # conditions and events
+  kubectl describe llmd {name}{" " * max(1, 24 - len(name))}# conditions and events
   curl -s http://{pod_ip}:8000/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": 16}}'
   curl -s http://127.0.0.1:{metrics_port}/metrics | grep vllm_operator   # the operator's own metrics
@@ -276,6 +281,14 @@ def _generation_tokens(pod_ip: str) -> float:
         text = response.read().decode()
     return sum(sample.value for family in text_string_to_metric_families(text)
                for sample in family.samples if sample.name == "vllm:generation_tokens_total")
+
+
+def _last_line(path: str, limit: int = 110) -> str:
+    try:
+        lines = Path(path).read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(not started yet)"
+    return " ".join(lines[-1].split())[:limit] if lines else "(empty)"
 
 
 def _mem_available_gib() -> float:

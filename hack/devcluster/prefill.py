@@ -41,4 +41,6 @@ def claim_folder(api: client.ApiClient, namespace: str, claim: str, timeout: flo
 def prefill_model_cache(api: client.ApiClient, namespace: str, llmdeployment: str, timeout: float = 120) -> Path:
     """Seed the claim the operator creates for ``llmdeployment``; returns the model snapshot folder."""
     folder = claim_folder(api, namespace, cache_claim_name(llmdeployment), timeout)
-    return engine.seed_hf_cache(folder / PurePosixPath(HF_HOME).relative_to(CACHE_MOUNT))
+    hf_home = folder / PurePosixPath(HF_HOME).relative_to(CACHE_MOUNT)
+    # A running engine may be reading the copy that is there already.
+    return engine.model_snapshot(hf_home) or engine.seed_hf_cache(hf_home)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def _configure_logging(fmt: str, level: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.kubeconfig:
+        # Before kubernetes is imported (through kopf): it reads KUBECONFIG once, at import time.
+        os.environ["KUBECONFIG"] = args.kubeconfig
     import asyncio
 
     import kopf
@@ -83,10 +87,6 @@ def _run(args: argparse.Namespace) -> int:
     handlers.OPTIONS.scrape_interval = args.scrape_interval
     handlers.OPTIONS.scrape_timeout = args.scrape_timeout
     handlers.OPTIONS.scrape_concurrency = args.scrape_concurrency
-    if args.kubeconfig:
-        import os
-
-        os.environ["KUBECONFIG"] = args.kubeconfig
     # A peering name makes kopf wait for the peering CRDs; a standalone operator must not name one.
     peering = {"peering_name": args.peering, "priority": args.priority} if args.peering else {"standalone": True}
     kopf.run(

@@ -67,7 +67,8 @@ class Credentials:
 
     def headers(self) -> dict[str, str]:
         # Called per request: the in-cluster token rotates and the client's hook re-reads it.
-        token = self.configuration.get_api_key_with_prefix("authorization")
+        # Client versions differ in the key name; the value already carries "Bearer ".
+        token = self.configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
         return {"Authorization": token} if token else {}
 
 
