@@ -4,6 +4,8 @@ simulated, so these tests see scheduling and status exactly, without accelerator
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -73,6 +75,11 @@ def test_example_lands_on_its_accelerator_and_becomes_ready(
     assert read_or_none(core(cluster).read_namespaced_service, resource, namespace) is not None
     claim = core(cluster).read_namespaced_persistent_volume_claim(cache_claim_name(resource), namespace)
     assert claim.metadata.labels["app.kubernetes.io/managed-by"] == "vllm-operator"
+    listed = subprocess.run(["kubectl", "--kubeconfig", str(cluster.kubeconfig), "get", "llmdeployments", "-n", namespace],
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    row = listed[1].split()
+    accelerator = manifest["spec"]["accelerator"]["type"]
+    assert row[:5] == [resource, manifest["spec"]["model"]["name"], accelerator, "1/1", "Ready"]
 
 
 def test_spec_change_rolls_the_engine(operator: OperatorProcess, cluster: Cluster, namespace: str) -> None:
