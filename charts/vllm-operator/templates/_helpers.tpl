@@ -1,0 +1,104 @@
+{{/* The chart's name, for the app.kubernetes.io/name label. */}}
+{{- define "vllm-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Name of every object; "<release>-<chart>" unless the release name already holds the chart's. */}}
+{{- define "vllm-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Labels that pick the operator's Pods; never change on upgrade, so they stay selectors. */}}
+{{- define "vllm-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "vllm-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "vllm-operator.labels" -}}
+{{ include "vllm-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: operator
+app.kubernetes.io/part-of: vllm-operator
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "vllm-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "vllm-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "vllm-operator.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* "true" when several replicas share the work through kopf peering, empty otherwise. */}}
+{{- define "vllm-operator.peered" -}}
+{{- if gt (int .Values.replicaCount) 1 }}true{{ end }}
+{{- end }}
+
+{{/*
+Where the operator works: the watched namespaces, or [""] for the whole cluster. Objects that
+exist once per scope (RBAC, peering) range over it. Returned as JSON; read with fromJsonArray.
+*/}}
+{{- define "vllm-operator.scopes" -}}
+{{- .Values.watchNamespaces | default (list "") | toJson }}
+{{- end }}
+
+{{/*
+The operator's permissions, the same in a namespace (Role) and cluster-wide (ClusterRole).
+Called with (dict "root" $ "peerings" "kopfpeerings"|"clusterkopfpeerings").
+Children are written by server-side apply: a PATCH, which needs `create` too when the object
+does not exist yet. Reads are watches (kopf) and never need more than get/list/watch.
+*/}}
+{{- define "vllm-operator.rules" -}}
+# Watched; the operator writes only the status subresource.
+- apiGroups: [llm.vllm-operator.io]
+  resources: [llmdeployments]
+  verbs: [get, list, watch]
+- apiGroups: [llm.vllm-operator.io]
+  resources: [llmdeployments/status]
+  verbs: [patch]
+# The engine Deployment, its Service and the model cache claim are applied, never deleted: the
+# garbage collector removes them through owner references, and a claim may hold the user's weights.
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [""]
+  resources: [services, persistentvolumeclaims]
+  verbs: [get, list, watch, create, patch]
+# The disruption budget is deleted when an LLMDeployment scales below 2 replicas.
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, list, watch, create, patch, delete]
+# Engine Pods: their state becomes the status, their IPs the scrape targets.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+# Events are only posted, never updated.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- if include "vllm-operator.peered" .root }}
+# kopf peering: every replica watches the peering object and writes its own liveness into it.
+- apiGroups: [kopf.dev]
+  resources: [{{ .peerings }}]
+  verbs: [list, watch]
+- apiGroups: [kopf.dev]
+  resources: [{{ .peerings }}]
+  resourceNames: [{{ include "vllm-operator.fullname" .root }}]
+  verbs: [get, patch]
+{{- end }}
+{{- end }}

@@ -1,0 +1,439 @@
+"""The Helm chart: lint, render, schema and least-privilege RBAC; on the local cluster, an operator
+that runs with nothing but the chart's ServiceAccount, and helm upgrade and uninstall."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+import llmd
+import vllm_operator
+from devcluster import binaries
+from devcluster.operatorproc import OperatorProcess
+from devcluster.pytest_plugin import Cluster, wait_for
+from devcluster.serviceaccount import service_account_kubeconfig
+from vllm_operator import api
+from vllm_operator.api import LLMDeploymentSpec
+from vllm_operator.manifests import Owner, cache_claim_name, deployment
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "charts" / "vllm-operator"
+DATA = REPO / "tests" / "data" / "chart"
+EVERYTHING = DATA / "values-everything.yaml"
+HELM_TIMEOUT = 120
+# How the apiserver words an RBAC denial of the chart's ServiceAccount (JSON logs escape the quotes).
+RBAC_DENIAL = re.compile(r"system:serviceaccount:\S+ cannot \w+ resource")
+
+Obj = dict[str, Any]
+
+# What the operator may do, rule by rule; any widening of the chart must change this table.
+RULES: list[Obj] = [
+    {"apiGroups": ["llm.vllm-operator.io"], "resources": ["llmdeployments"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["llm.vllm-operator.io"], "resources": ["llmdeployments/status"], "verbs": ["patch"]},
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["services", "persistentvolumeclaims"],
+     "verbs": ["get", "list", "watch", "create", "patch"]},
+    {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"],
+     "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+]
+
+
+def peering_rules(plural: str, name: str) -> list[Obj]:
+    return [
+        {"apiGroups": ["kopf.dev"], "resources": [plural], "verbs": ["list", "watch"]},
+        {"apiGroups": ["kopf.dev"], "resources": [plural], "resourceNames": [name], "verbs": ["get", "patch"]},
+    ]
+
+
+@pytest.fixture(scope="session")
+def helm_path() -> Path:
+    binaries.ensure((binaries.HELM,))
+    return binaries.path_of("helm")
+
+
+def helm(helm_path: Path, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([str(helm_path), *map(str, args)], capture_output=True, text=True, timeout=HELM_TIMEOUT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(map(str, args))} failed:\n{result.stdout}{result.stderr}")
+    return result
+
+
+def render(helm_path: Path, *values: Path, namespace: str = "ops") -> list[Obj]:
+    flags = [flag for path in values for flag in ("-f", path)]
+    out = helm(helm_path, "template", "vllm-operator", CHART, "--namespace", namespace, *flags).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def values_file(tmp_path: Path, name: str, values: Obj) -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def of_kind(objects: list[Obj], kind: str) -> list[Obj]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def one(objects: list[Obj], kind: str) -> Obj:
+    found = of_kind(objects, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+# -- chart metadata and values ------------------------------------------------------------------
+
+
+def test_chart_app_version_is_the_package_version() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    package = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert chart["apiVersion"] == "v2" and chart["name"] == "vllm-operator"
+    assert chart["appVersion"] == package == vllm_operator.__version__
+
+
+def test_every_value_is_commented() -> None:
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    for number, line in enumerate(lines):
+        if re.match(r"\s*[\w.-]+:", line):
+            above = lines[number - 1].strip() if number else ""
+            assert "#" in line or above.startswith("#"), f"values.yaml line {number + 1} has no comment: {line!r}"
+
+
+def _closed_objects(schema: Obj, path: str) -> Iterator[tuple[str, Obj]]:
+    if "properties" in schema:
+        yield path, schema
+        for name, prop in schema["properties"].items():
+            yield from _closed_objects(prop, f"{path}.{name}")
+    if isinstance(schema.get("items"), dict):
+        yield from _closed_objects(schema["items"], f"{path}[]")
+
+
+def test_schema_rejects_unknown_keys_at_every_level() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    checked = [schema, *schema["definitions"].values()]
+    objects = [node for s in checked for _, node in _closed_objects(s, "")]
+    assert len(objects) > 5
+    for node in objects:
+        assert node.get("additionalProperties") is False, node
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(defaults) == set(schema["properties"])
+
+
+@pytest.mark.parametrize("values", [None, EVERYTHING], ids=["defaults", "everything"])
+def test_lint_and_template_pass(helm_path: Path, values: Path | None) -> None:
+    flags = ["-f", values] if values else []
+    helm(helm_path, "lint", "--strict", CHART, *flags)
+    objects = render(helm_path, *([values] if values else []))
+    assert {o["kind"] for o in objects} >= {"ServiceAccount", "Service"}
+
+
+@pytest.mark.parametrize(("file", "named"), [
+    ("values-typo.yaml", "additional properties 'replicaCont' not allowed"),
+    ("values-wrong-type.yaml", "at '/watchNamespaces': got number, want array"),
+])
+def test_mistaken_values_are_rejected_naming_the_key(helm_path: Path, file: str, named: str) -> None:
+    for command in (["lint", CHART], ["template", "vllm-operator", CHART]):
+        result = helm(helm_path, *command, "-f", DATA / file, check=False)
+        assert result.returncode != 0, f"helm {command[0]} accepted {file}"
+        assert named in result.stdout + result.stderr
+
+
+# -- RBAC ---------------------------------------------------------------------------------------
+
+
+def test_cluster_wide_rbac_is_exactly_the_table(helm_path: Path) -> None:
+    objects = render(helm_path)
+    role = one(objects, "ClusterRole")
+    assert role["rules"] == RULES
+    binding = one(objects, "ClusterRoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": role["metadata"]["name"]}
+    account = one(objects, "ServiceAccount")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "ops"}]
+    assert not of_kind(objects, "Role") and not of_kind(objects, "RoleBinding")
+
+
+def test_watched_namespaces_get_roles_and_nothing_cluster_wide(helm_path: Path, tmp_path: Path) -> None:
+    objects = render(helm_path, values_file(tmp_path, "v.yaml", {"watchNamespaces": ["team-a", "team-b"]}))
+    roles = of_kind(objects, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert all(r["rules"] == RULES for r in roles)
+    bindings = of_kind(objects, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    assert all(b["subjects"][0]["namespace"] == "ops" for b in bindings)
+    assert not of_kind(objects, "ClusterRole") and not of_kind(objects, "ClusterRoleBinding")
+    args = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--namespace")] == ["--namespace=team-a", "--namespace=team-b"]
+
+
+@pytest.mark.parametrize(("namespaces", "kind", "plural"), [
+    ([], "ClusterRole", "clusterkopfpeerings"),
+    (["team-a"], "Role", "kopfpeerings"),
+])
+def test_replicas_add_only_their_own_peering_rules(
+    helm_path: Path, tmp_path: Path, namespaces: list[str], kind: str, plural: str
+) -> None:
+    objects = render(helm_path, values_file(tmp_path, "v.yaml", {"replicaCount": 2, "watchNamespaces": namespaces}))
+    role = one(objects, kind)
+    name = role["metadata"]["name"]
+    assert role["rules"] == RULES + peering_rules(plural, name)
+    peering = one(objects, "KopfPeering" if namespaces else "ClusterKopfPeering")
+    assert peering["apiVersion"] == "kopf.dev/v1" and peering["metadata"]["name"] == name
+    assert peering["metadata"].get("namespace") == (namespaces[0] if namespaces else None)
+
+
+# -- the operator's workload ---------------------------------------------------------------------
+
+
+def test_default_operator_is_one_hardened_standalone_deployment(helm_path: Path) -> None:
+    objects = render(helm_path)
+    workload = one(objects, "Deployment")
+    assert workload["spec"]["strategy"] == {"type": "Recreate"}
+    pod = workload["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                                      "seccompProfile": {"type": "RuntimeDefault"}}
+    container = pod["containers"][0]
+    assert container["image"] == "vllm-operator:0.1.0"
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "capabilities": {"drop": ["ALL"]}}
+    assert container["command"] == ["vllm-operator"]
+    assert container["args"] == ["run", "--log-format=json", "--log-level=info", "--metrics-port=8080",
+                                 "--health-port=8081", "--scrape-interval=15", "--scrape-timeout=5", "--workers=8"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {"name": "health", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
+    assert container["env"] == [{"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+    assert container["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+    assert pod["volumes"][0]["name"] == "tmp" and "emptyDir" in pod["volumes"][0]
+    service = one(objects, "Service")
+    assert service["spec"]["ports"] == [{"name": "http-metrics", "port": 8080, "targetPort": "http-metrics",
+                                         "protocol": "TCP"}]
+    assert service["spec"]["selector"] == workload["spec"]["selector"]["matchLabels"]
+    for absent in ("StatefulSet", "PodDisruptionBudget", "ClusterKopfPeering", "ServiceMonitor", "PodMonitor"):
+        assert not of_kind(objects, absent), absent
+
+
+def test_every_option_lands_where_it_belongs(helm_path: Path) -> None:
+    objects = render(helm_path, EVERYTHING)
+    labels = {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
+              "app.kubernetes.io/component", "app.kubernetes.io/part-of", "app.kubernetes.io/managed-by"}
+    for obj in objects:
+        assert labels <= set(obj["metadata"]["labels"]), obj["kind"]
+    workload = one(objects, "StatefulSet")
+    pod = workload["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["args"][-2:] == ["--peering=llm-operator-everything", "--priority=$(POD_INDEX)"]
+    index = next(e for e in container["env"] if e["name"] == "POD_INDEX")
+    assert index["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+    assert "--scrape-interval=2.5" in container["args"] and "--log-level=debug" in container["args"]
+    assert container["image"] == "registry.example.com/vllm-operator:0.1.0-test"
+    assert pod["priorityClassName"] == "ml-platform-critical"
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"} and pod["tolerations"] and pod["affinity"]
+    assert workload["spec"]["template"]["metadata"]["labels"]["team"] == "ml-platform"
+    assert one(objects, "ServiceAccount")["metadata"]["annotations"] == {"iam.example.com/role": "llm-operator"}
+    budget = one(objects, "PodDisruptionBudget")
+    assert budget["spec"]["selector"] == workload["spec"]["selector"]
+    monitor = one(objects, "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["port"] == "http-metrics"
+    assert monitor["spec"]["selector"]["matchLabels"] == one(objects, "Service")["spec"]["selector"]
+    assert one(objects, "PodMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+
+
+def test_pod_monitor_selects_the_engine_pods_the_operator_builds(helm_path: Path) -> None:
+    monitor = one(render(helm_path, EVERYTHING), "PodMonitor")["spec"]
+    example = llmd.example("llama3-8b-h100")
+    engine = deployment(LLMDeploymentSpec.model_validate(example["spec"]), Owner("llama", "team-a", "uid-1"))
+    template = engine["spec"]["template"]
+    assert monitor["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    ports = {p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+    assert monitor["podMetricsEndpoints"][0]["port"] in ports
+    assert monitor["podMetricsEndpoints"][0]["path"] == "/metrics"
+
+
+def test_peering_crds_serve_the_rendered_peering_objects(helm_path: Path) -> None:
+    crds = list(yaml.safe_load_all((CHART / "crds" / "kopf.dev_peerings.yaml").read_text()))
+    served = {(c["spec"]["group"], c["spec"]["versions"][0]["name"], c["spec"]["names"]["kind"], c["spec"]["scope"])
+              for c in crds}
+    assert served == {("kopf.dev", "v1", "ClusterKopfPeering", "Cluster"), ("kopf.dev", "v1", "KopfPeering", "Namespaced")}
+
+
+# -- on the local cluster -----------------------------------------------------------------------
+
+
+def by_name(name: str) -> str:
+    """A field selector for one object, so an absent one is an empty list rather than a 404."""
+    return f"metadata.name={name}"
+
+
+def may_patch_disruption_budgets(cluster: Cluster, namespace: str, account: str) -> bool:
+    review = client.AuthorizationV1Api(cluster.api_client).create_subject_access_review({
+        "spec": {"user": f"system:serviceaccount:{namespace}:{account}", "resourceAttributes": {
+            "group": "policy", "resource": "poddisruptionbudgets", "verb": "patch", "namespace": namespace}}})
+    return bool(review.status.allowed)
+
+
+def small_on_gpus(name: str, replicas: int) -> Obj:
+    """The H100 example, renamed, with a small cache so the simulated nodes can hold several."""
+    manifest = llmd.example("llama3-8b-h100")
+    manifest["metadata"]["name"] = name
+    manifest["spec"]["cache"]["size"] = "1Gi"
+    manifest["spec"]["replicas"] = replicas
+    return manifest
+
+
+def wait_ready(process: OperatorProcess, namespace: str, name: str, cluster: Cluster) -> Obj:
+    try:
+        return llmd.wait_phase(cluster.api_client, namespace, name, "Ready", 90)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\noperator log:\n{process.log()[-3000:]}") from None
+
+
+def started_operator(kubeconfig: Path, log_file: Path, scope: list[str]) -> OperatorProcess:
+    process = OperatorProcess(kubeconfig, log_file, [*scope, "--scrape-interval", "2", "--scrape-timeout", "1.5"])
+    try:
+        return process.start()
+    except RuntimeError as exc:
+        pytest.fail(f"{exc}\n{process.log()[-3000:]}", pytrace=False)
+
+
+# The operator runs as a local process under the chart's ServiceAccount, not in a Pod.
+NO_POD = {"replicaCount": 0}
+
+
+def helm_in(helm_path: Path, cluster: Cluster, namespace: str, *args: str | Path) -> None:
+    helm(helm_path, *args, "--namespace", namespace, "--kubeconfig", cluster.kubeconfig)
+
+
+def install(helm_path: Path, cluster: Cluster, namespace: str, release: str, values: Path, tmp_path: Path) -> Path:
+    """Install the chart; a kubeconfig of the release's ServiceAccount, with a bound token."""
+    helm_in(helm_path, cluster, namespace, "install", release, CHART, "-f", values)
+    return service_account_kubeconfig(cluster.api_client, cluster.kubeconfig, namespace, release,
+                                      tmp_path / "kubeconfig")
+
+
+@pytest.fixture
+def release(helm_path: Path, cluster: Cluster, namespace: str) -> Iterator[str]:
+    """A release name in the test namespace, uninstalled afterwards (it may hold cluster-wide RBAC)."""
+    name = f"vllm-operator-{namespace[-6:]}"
+    yield name
+    helm_in(helm_path, cluster, namespace, "uninstall", name, "--ignore-not-found", "--wait")
+
+
+@pytest.mark.cluster
+def test_namespaced_install_serves_with_only_its_own_rbac(
+    helm_path: Path, cluster: Cluster, namespace: str, release: str, tmp_path: Path
+) -> None:
+    values = values_file(tmp_path, "values.yaml", {**NO_POD, "watchNamespaces": [namespace]})
+    kubeconfig = install(helm_path, cluster, namespace, release, values, tmp_path)
+    extensions = client.ApiextensionsV1Api(cluster.api_client)
+    for crd in (f"{api.PLURAL}.{api.GROUP}", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"):
+        assert extensions.read_custom_resource_definition(crd)
+    rbac = client.RbacAuthorizationV1Api(cluster.api_client)
+    role = rbac.read_namespaced_role(release, namespace)
+    assert not rbac.list_cluster_role(field_selector=by_name(release)).items
+
+    process = started_operator(kubeconfig, tmp_path / "operator.log", ["-n", namespace])
+    try:
+        llmd.create(cluster.api_client, namespace, small_on_gpus("served", replicas=2))
+        ready = wait_ready(process, namespace, "served", cluster)
+        assert ready["status"]["ready"] == "2/2"
+        core, apps = client.CoreV1Api(cluster.api_client), client.AppsV1Api(cluster.api_client)
+        assert apps.read_namespaced_deployment("served", namespace)
+        assert core.read_namespaced_service("served", namespace)
+        assert core.read_namespaced_persistent_volume_claim(cache_claim_name("served"), namespace)
+        assert client.PolicyV1Api(cluster.api_client).read_namespaced_pod_disruption_budget("served", namespace)
+        assert not RBAC_DENIAL.findall(process.log()), process.log()[-3000:]
+
+        # Take away writing disruption budgets: a new LLMDeployment must say so, not fail silently.
+        assert may_patch_disruption_budgets(cluster, namespace, release)
+        for rule in role.rules:
+            if "poddisruptionbudgets" in rule.resources:
+                rule.verbs = ["get", "list", "watch"]
+        rbac.replace_namespaced_role(release, namespace, role)
+        wait_for("the apiserver to deny patching disruption budgets",
+                 lambda: not may_patch_disruption_budgets(cluster, namespace, release), 10)
+        llmd.create(cluster.api_client, namespace, small_on_gpus("refused", replicas=2))
+        refused = wait_for("the refused disruption budget in the status", lambda: (
+            (obj := llmd.get(cluster.api_client, namespace, "refused"))
+            and (llmd.condition(obj, "Degraded") or {}).get("reason") == "ApplyFailed" and obj), 60)
+        message = llmd.condition(refused, "Degraded")["message"]
+        assert "PodDisruptionBudget refused" in message and "forbidden" in message, message
+        events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=refused").items
+        assert any(e.type == "Warning" and e.reason == "ApplyFailed" for e in events)
+        assert process.process is not None and process.process.poll() is None, "the operator exited"
+        assert llmd.get(cluster.api_client, namespace, "served")["status"]["phase"] == "Ready"
+    finally:
+        process.stop()
+
+
+@pytest.mark.cluster
+def test_replicas_share_the_charts_peering_object_with_its_rbac(
+    helm_path: Path, cluster: Cluster, namespace: str, release: str, tmp_path: Path
+) -> None:
+    # Two replicas, played by local processes; the StatefulSet's own Pods are kept off every node.
+    values = values_file(tmp_path, "values.yaml", {
+        "replicaCount": 2, "watchNamespaces": [namespace], "nodeSelector": {"vllm-operator.io/test": "nowhere"}})
+    kubeconfig = install(helm_path, cluster, namespace, release, values, tmp_path)
+    replicas = [started_operator(kubeconfig, tmp_path / f"replica-{index}.log",
+                                 ["-n", namespace, "--peering", release, "--priority", str(index)]) for index in (0, 1)]
+    custom = client.CustomObjectsApi(cluster.api_client)
+
+    def peers() -> list[int]:
+        peering = custom.get_namespaced_custom_object("kopf.dev", "v1", namespace, "kopfpeerings", release)
+        return sorted(peer["priority"] for peer in (peering.get("status") or {}).values())
+
+    try:
+        wait_for("both replicas in the peering object", lambda: peers() == [0, 1], 30)
+        replicas[1].stop()
+        wait_for("the stopped replica to leave the peering object", lambda: peers() == [0], 30)
+        for replica in replicas:
+            assert not RBAC_DENIAL.findall(replica.log()), replica.log()[-3000:]
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+@pytest.mark.cluster
+def test_cluster_wide_install_upgrade_and_uninstall_keep_user_objects(
+    helm_path: Path, cluster: Cluster, namespace: str, release: str, tmp_path: Path
+) -> None:
+    values = values_file(tmp_path, "values.yaml", NO_POD)
+    kubeconfig = install(helm_path, cluster, namespace, release, values, tmp_path)
+    rbac = client.RbacAuthorizationV1Api(cluster.api_client)
+    assert rbac.read_cluster_role(release) and rbac.read_cluster_role_binding(release)
+    apps = client.AppsV1Api(cluster.api_client)
+    before = apps.read_namespaced_deployment(release, namespace)
+
+    process = started_operator(kubeconfig, tmp_path / "operator.log", [])
+    try:
+        llmd.create(cluster.api_client, namespace, small_on_gpus("kept", replicas=1))
+        wait_ready(process, namespace, "kept", cluster)
+        assert not RBAC_DENIAL.findall(process.log()), process.log()[-3000:]
+    finally:
+        process.stop()
+
+    helm_in(helm_path, cluster, namespace, "upgrade", release, CHART, "-f", values,
+            "--set", "logLevel=debug", "--set", "scrapeInterval=30")
+    after = apps.read_namespaced_deployment(release, namespace)
+    assert after.metadata.generation > before.metadata.generation
+    args = after.spec.template.spec.containers[0].args
+    assert "--log-level=debug" in args and "--scrape-interval=30" in args
+
+    helm_in(helm_path, cluster, namespace, "uninstall", release, "--wait")
+    assert not rbac.list_cluster_role(field_selector=by_name(release)).items
+    assert not apps.list_namespaced_deployment(namespace, field_selector=by_name(release)).items
+    assert llmd.get(cluster.api_client, namespace, "kept") is not None
+    core = client.CoreV1Api(cluster.api_client)
+    assert core.read_namespaced_persistent_volume_claim(cache_claim_name("kept"), namespace)
+    assert client.ApiextensionsV1Api(cluster.api_client).read_custom_resource_definition(f"{api.PLURAL}.{api.GROUP}")
