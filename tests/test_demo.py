@@ -27,13 +27,17 @@ def demo(command: str, state_dir: Path, timeout: float) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=timeout)
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie has exited; only its parent has not collected it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def alive_pids(state_dir: Path) -> list[int]:
-    alive = []
-    for pid_file in state_dir.rglob("run/*.pid"):
-        pid = int(pid_file.read_text().split()[0])
-        if Path(f"/proc/{pid}").exists():
-            alive.append(pid)
-    return alive
+    pids = (int(pid_file.read_text().split()[0]) for pid_file in state_dir.rglob("run/*.pid"))
+    return [pid for pid in pids if running(pid)]
 
 
 def test_demo_serves_a_real_completion_and_cleans_up(tmp_path: Path) -> None:
@@ -56,13 +60,14 @@ def test_demo_serves_a_real_completion_and_cleans_up(tmp_path: Path) -> None:
         pids = alive_pids(state_dir)
         down = demo("down", state_dir, 180)
     assert down.returncode == 0, down.stderr
-    assert pids and not any(Path(f"/proc/{pid}").exists() for pid in pids)
+    assert pids and not any(running(pid) for pid in pids)
     assert not state_dir.exists()
 
 
 def test_a_taken_port_stops_the_demo_with_one_line(tmp_path: Path) -> None:
     state_dir = tmp_path / "demo"
     with socket.socket() as blocker:
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a previous run may leave TIME_WAIT
         blocker.bind(("127.0.0.1", Ports(PORT_BASE).apiserver))
         blocker.listen()
         failed = demo("up", state_dir, 600)
