@@ -4,9 +4,14 @@ that runs with nothing but the chart's ServiceAccount, and helm upgrade and unin
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import socket
 import subprocess
+import time
 import tomllib
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,10 +54,12 @@ RULES: list[Obj] = [
 ]
 
 
-def peering_rules(plural: str, name: str) -> list[Obj]:
+def lease_rules(name: str) -> list[Obj]:
+    """Leader election among replicas: create any Lease (RBAC cannot name it), read and renew only its own."""
     return [
-        {"apiGroups": ["kopf.dev"], "resources": [plural], "verbs": ["list", "watch"]},
-        {"apiGroups": ["kopf.dev"], "resources": [plural], "resourceNames": [name], "verbs": ["get", "patch"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [name],
+         "verbs": ["get", "update"]},
     ]
 
 
@@ -177,20 +184,21 @@ def test_watched_namespaces_get_roles_and_nothing_cluster_wide(helm_path: Path, 
     assert [a for a in args if a.startswith("--namespace")] == ["--namespace=team-a", "--namespace=team-b"]
 
 
-@pytest.mark.parametrize(("namespaces", "kind", "plural"), [
-    ([], "ClusterRole", "clusterkopfpeerings"),
-    (["team-a"], "Role", "kopfpeerings"),
-])
-def test_replicas_add_only_their_own_peering_rules(
-    helm_path: Path, tmp_path: Path, namespaces: list[str], kind: str, plural: str
+@pytest.mark.parametrize("namespaces", [[], ["ops", "team-a"]], ids=["cluster-wide", "namespaced"])
+def test_replicas_add_only_a_lease_role_in_the_release_namespace(
+    helm_path: Path, tmp_path: Path, namespaces: list[str]
 ) -> None:
     objects = render(helm_path, values_file(tmp_path, "v.yaml", {"replicaCount": 2, "watchNamespaces": namespaces}))
-    role = one(objects, kind)
-    name = role["metadata"]["name"]
-    assert role["rules"] == RULES + peering_rules(plural, name)
-    peering = one(objects, "KopfPeering" if namespaces else "ClusterKopfPeering")
-    assert peering["apiVersion"] == "kopf.dev/v1" and peering["metadata"]["name"] == name
-    assert peering["metadata"].get("namespace") == (namespaces[0] if namespaces else None)
+    election = "vllm-operator-leader-election"
+    roles = [r for r in of_kind(objects, "Role") + of_kind(objects, "ClusterRole") if r["metadata"]["name"] != election]
+    assert len(roles) == max(1, len(namespaces)) and all(r["rules"] == RULES for r in roles)
+    lease_role = next(r for r in of_kind(objects, "Role") if r["metadata"]["name"] == election)
+    assert lease_role["metadata"]["namespace"] == "ops"
+    assert lease_role["rules"] == lease_rules("vllm-operator")
+    binding = next(b for b in of_kind(objects, "RoleBinding") if b["metadata"]["name"] == election)
+    assert binding["metadata"]["namespace"] == "ops"
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": election}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "vllm-operator", "namespace": "ops"}]
 
 
 # -- the operator's workload ---------------------------------------------------------------------
@@ -220,7 +228,7 @@ def test_default_operator_is_one_hardened_standalone_deployment(helm_path: Path)
     assert service["spec"]["ports"] == [{"name": "http-metrics", "port": 8080, "targetPort": "http-metrics",
                                          "protocol": "TCP"}]
     assert service["spec"]["selector"] == workload["spec"]["selector"]["matchLabels"]
-    for absent in ("StatefulSet", "PodDisruptionBudget", "ClusterKopfPeering", "ServiceMonitor", "PodMonitor"):
+    for absent in ("Role", "PodDisruptionBudget", "ServiceMonitor", "PodMonitor"):
         assert not of_kind(objects, absent), absent
 
 
@@ -230,12 +238,18 @@ def test_every_option_lands_where_it_belongs(helm_path: Path) -> None:
               "app.kubernetes.io/component", "app.kubernetes.io/part-of", "app.kubernetes.io/managed-by"}
     for obj in objects:
         assert labels <= set(obj["metadata"]["labels"]), obj["kind"]
-    workload = one(objects, "StatefulSet")
+    workload = one(objects, "Deployment")
+    assert workload["spec"]["strategy"] == {"type": "RollingUpdate",
+                                            "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     pod = workload["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert container["args"][-2:] == ["--peering=llm-operator-everything", "--priority=$(POD_INDEX)"]
-    index = next(e for e in container["env"] if e["name"] == "POD_INDEX")
-    assert index["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+    assert container["args"][-3:] == ["--leader-elect", "--leader-election-namespace=$(POD_NAMESPACE)",
+                                      "--leader-election-id=llm-operator-everything"]
+    fields = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+    assert fields == {"POD_ID": "metadata.name", "POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+    lease_role = next(r for r in of_kind(objects, "Role") if r["metadata"]["namespace"] == "ops")
+    assert lease_role["metadata"]["name"] == "llm-operator-everything-leader-election"
+    assert lease_role["rules"] == lease_rules("llm-operator-everything")
     assert "--scrape-interval=2.5" in container["args"] and "--log-level=debug" in container["args"]
     assert container["image"] == "registry.example.com/vllm-operator:0.1.0-test"
     assert pod["priorityClassName"] == "ml-platform-critical"
@@ -259,13 +273,6 @@ def test_pod_monitor_selects_the_engine_pods_the_operator_builds(helm_path: Path
     ports = {p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
     assert monitor["podMetricsEndpoints"][0]["port"] in ports
     assert monitor["podMetricsEndpoints"][0]["path"] == "/metrics"
-
-
-def test_peering_crds_serve_the_rendered_peering_objects(helm_path: Path) -> None:
-    crds = list(yaml.safe_load_all((CHART / "crds" / "kopf.dev_peerings.yaml").read_text()))
-    served = {(c["spec"]["group"], c["spec"]["versions"][0]["name"], c["spec"]["names"]["kind"], c["spec"]["scope"])
-              for c in crds}
-    assert served == {("kopf.dev", "v1", "ClusterKopfPeering", "Cluster"), ("kopf.dev", "v1", "KopfPeering", "Namespaced")}
 
 
 # -- on the local cluster -----------------------------------------------------------------------
@@ -336,9 +343,7 @@ def test_namespaced_install_serves_with_only_its_own_rbac(
 ) -> None:
     values = values_file(tmp_path, "values.yaml", {**NO_POD, "watchNamespaces": [namespace]})
     kubeconfig = install(helm_path, cluster, namespace, release, values, tmp_path)
-    extensions = client.ApiextensionsV1Api(cluster.api_client)
-    for crd in (f"{api.PLURAL}.{api.GROUP}", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"):
-        assert extensions.read_custom_resource_definition(crd)
+    assert client.ApiextensionsV1Api(cluster.api_client).read_custom_resource_definition(f"{api.PLURAL}.{api.GROUP}")
     rbac = client.RbacAuthorizationV1Api(cluster.api_client)
     role = rbac.read_namespaced_role(release, namespace)
     assert not rbac.list_cluster_role(field_selector=by_name(release)).items
@@ -377,26 +382,85 @@ def test_namespaced_install_serves_with_only_its_own_rbac(
         process.stop()
 
 
+# The operator's lease duration: how long a standby waits for a leader that died without releasing.
+LEASE_SECONDS = 15
+
+
+def scraped(process: OperatorProcess, name: str) -> float | None:
+    """One of the operator's own metrics, summed over its labels; None when it has no sample yet."""
+    with urllib.request.urlopen(process.metrics_url, timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    values = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith((f"{name} ", f"{name}{{"))]
+    return sum(values) if values else None
+
+
+def lease_holder(cluster: Cluster, namespace: str, name: str) -> str:
+    lease = client.CoordinationV1Api(cluster.api_client).read_namespaced_lease(name, namespace)
+    return lease.spec.holder_identity or ""
+
+
+def identity(process: OperatorProcess) -> str:
+    """The identity a local replica takes without POD_NAME: host name and process id."""
+    assert process.process is not None
+    return f"{socket.gethostname()}_{process.process.pid}"
+
+
+def leading(replicas: list[OperatorProcess]) -> list[OperatorProcess]:
+    alive = [r for r in replicas if r.process is not None and r.process.poll() is None]
+    return [r for r in alive if scraped(r, "vllm_operator_leader") == 1]
+
+
 @pytest.mark.cluster
-def test_replicas_share_the_charts_peering_object_with_its_rbac(
+def test_replicas_elect_one_leader_with_the_charts_rbac(
     helm_path: Path, cluster: Cluster, namespace: str, release: str, tmp_path: Path
 ) -> None:
-    # Two replicas, played by local processes; the StatefulSet's own Pods are kept off every node.
+    # Replicas played by local processes; the Deployment's own Pods are kept off every node.
     values = values_file(tmp_path, "values.yaml", {
         "replicaCount": 2, "watchNamespaces": [namespace], "nodeSelector": {"vllm-operator.io/test": "nowhere"}})
     kubeconfig = install(helm_path, cluster, namespace, release, values, tmp_path)
-    replicas = [started_operator(kubeconfig, tmp_path / f"replica-{index}.log",
-                                 ["-n", namespace, "--peering", release, "--priority", str(index)]) for index in (0, 1)]
-    custom = client.CustomObjectsApi(cluster.api_client)
+    election = ["-n", namespace, "--leader-elect", "--leader-election-namespace", namespace,
+                "--leader-election-id", release]
+    replicas = [started_operator(kubeconfig, tmp_path / f"replica-{index}.log", election) for index in (0, 1)]
 
-    def peers() -> list[int]:
-        peering = custom.get_namespaced_custom_object("kopf.dev", "v1", namespace, "kopfpeerings", release)
-        return sorted(peer["priority"] for peer in (peering.get("status") or {}).values())
+    def holder_is(process: OperatorProcess) -> bool:
+        return lease_holder(cluster, namespace, release) == identity(process)
 
     try:
-        wait_for("both replicas in the peering object", lambda: peers() == [0, 1], 30)
-        replicas[1].stop()
-        wait_for("the stopped replica to leave the peering object", lambda: peers() == [0], 30)
+        leader = wait_for("a leader", lambda: leading(replicas), 30)[0]
+        standby = next(r for r in replicas if r is not leader)
+        assert holder_is(leader) and leading(replicas) == [leader]
+
+        llmd.create(cluster.api_client, namespace, small_on_gpus("ha", replicas=1))
+        wait_ready(leader, namespace, "ha", cluster)
+        llmd.patch_spec(cluster.api_client, namespace, "ha", {"replicas": 2})
+        generation = wait_ready(leader, namespace, "ha", cluster)["metadata"]["generation"]
+        # Several scrape intervals: the standby writes nothing, so the status never goes back.
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            status = (llmd.get(cluster.api_client, namespace, "ha") or {}).get("status") or {}
+            assert status.get("observedGeneration") == generation, status
+            time.sleep(0.3)
+        assert scraped(standby, "vllm_operator_leader") == 0
+        assert scraped(standby, "vllm_operator_api_writes_total") is None
+        assert scraped(standby, "vllm_operator_reconcile_total") is None
+
+        # A clean stop releases the Lease, so the standby takes over without waiting for it to expire.
+        leader.stop()
+        started = time.monotonic()
+        wait_for("the standby to take the released lease", lambda: holder_is(standby), LEASE_SECONDS)
+        assert time.monotonic() - started < LEASE_SECONDS / 2
+        llmd.patch_spec(cluster.api_client, namespace, "ha", {"replicas": 1})
+        wait_ready(standby, namespace, "ha", cluster)
+
+        # A leader that dies keeps the Lease until it expires on the other replica's clock.
+        replicas.append(started_operator(kubeconfig, tmp_path / "replica-2.log", election))
+        assert standby.process is not None
+        os.killpg(standby.process.pid, signal.SIGKILL)
+        standby.process.wait()
+        assert lease_holder(cluster, namespace, release) == identity(standby)
+        wait_for("the new replica to take the expired lease", lambda: holder_is(replicas[2]), LEASE_SECONDS + 15)
+        llmd.patch_spec(cluster.api_client, namespace, "ha", {"replicas": 2})
+        wait_ready(replicas[2], namespace, "ha", cluster)
         for replica in replicas:
             assert not RBAC_DENIAL.findall(replica.log()), replica.log()[-3000:]
     finally:

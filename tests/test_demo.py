@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from devcluster.cluster import REPO_ROOT, Ports
+from devcluster.cluster import REPO_ROOT, Ports, process_running
 
 pytestmark = [pytest.mark.cluster, pytest.mark.engine]
 
@@ -27,17 +27,9 @@ def demo(command: str, state_dir: Path, timeout: float) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=timeout)
 
 
-def running(pid: int) -> bool:
-    """Alive and not a zombie (a zombie has exited; only its parent has not collected it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def alive_pids(state_dir: Path) -> list[int]:
     pids = (int(pid_file.read_text().split()[0]) for pid_file in state_dir.rglob("run/*.pid"))
-    return [pid for pid in pids if running(pid)]
+    return [pid for pid in pids if process_running(pid)]
 
 
 def test_demo_serves_a_real_completion_and_cleans_up(tmp_path: Path) -> None:
@@ -60,7 +52,7 @@ def test_demo_serves_a_real_completion_and_cleans_up(tmp_path: Path) -> None:
         pids = alive_pids(state_dir)
         down = demo("down", state_dir, 180)
     assert down.returncode == 0, down.stderr
-    assert pids and not any(running(pid) for pid in pids)
+    assert pids and not any(process_running(pid) for pid in pids)
     assert not state_dir.exists()
 
 

@@ -152,3 +152,21 @@ def test_a_killed_engine_is_degraded_then_ready_again(cluster: Cluster, served: 
     restarted = llmd.owned_pods(cluster.api_client, namespace, NAME)[0]
     assert restarted.status.container_statuses[0].restart_count >= 1
     assert llmd.condition(ready, "Degraded")["status"] == "False"
+
+
+def test_an_engine_that_cannot_load_its_model_reports_why(
+    operator: OperatorProcess, cluster: Cluster, namespace: str
+) -> None:
+    # Offline and with an empty cache, as a cluster without a Hugging Face token or network would be.
+    llmd.create(cluster.api_client, namespace, llmd.example("cpu-tiny"))
+
+    def reported() -> dict[str, Any] | None:
+        degraded = llmd.condition(llmd.get(cluster.api_client, namespace, NAME), "Degraded") or {}
+        return degraded if degraded.get("reason") in ("EngineExited", "EngineCrashLooping") else None
+
+    degraded = wait_for("the failed start in the Degraded condition", reported, 240, 1)
+    assert degraded["status"] == "True"
+    assert "exit code 1" in degraded["message"]
+    # The last lines of the engine's own error come along, so `kubectl describe` says what happened.
+    assert "LocalEntryNotFoundError" in degraded["message"], degraded["message"]
+    assert operator.process is not None and operator.process.poll() is None

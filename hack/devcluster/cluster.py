@@ -150,7 +150,14 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-def _group_members(pgid: int) -> list[int]:
+def process_running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie has exited; only its parent has not collected it)."""
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group."""
     members = []
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
@@ -213,7 +220,7 @@ class Process:
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
                 _reap(pid)
-                if not _group_members(pid):
+                if not group_members(pid):
                     self.pid_file.unlink(missing_ok=True)
                     return pid
                 time.sleep(0.1)

@@ -45,9 +45,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="seconds between scrapes of the engines' /metrics")
     run.add_argument("--scrape-timeout", type=_positive(float), default=5.0, help="seconds one scrape may take")
     run.add_argument("--scrape-concurrency", type=_positive(int), default=64, help="engines scraped in parallel")
-    run.add_argument("--peering", default=None,
-                     help="kopf peering name: with several operator replicas only one is active (default: standalone)")
-    run.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+    run.add_argument("--leader-elect", action="store_true",
+                     help="for several replicas: only the holder of a Lease reconciles and scrapes, the others stand by")
+    run.add_argument("--leader-election-namespace", default=os.environ.get("POD_NAMESPACE"),
+                     help="namespace of the Lease (default: $POD_NAMESPACE)")
+    run.add_argument("--leader-election-id", default="vllm-operator", help="name of the Lease")
 
     crds = commands.add_parser("crds", help="print the CustomResourceDefinitions")
     crds.add_argument("--write", action="store_true", help="write them to crds/ and the Helm chart instead")
@@ -79,6 +81,7 @@ def _run(args: argparse.Namespace) -> int:
     import kopf
 
     from vllm_operator import handlers
+    from vllm_operator.leader import default_identity
 
     _configure_logging(args.log_format, args.log_level)
     handlers.OPTIONS.kubeconfig = args.kubeconfig
@@ -87,12 +90,15 @@ def _run(args: argparse.Namespace) -> int:
     handlers.OPTIONS.scrape_interval = args.scrape_interval
     handlers.OPTIONS.scrape_timeout = args.scrape_timeout
     handlers.OPTIONS.scrape_concurrency = args.scrape_concurrency
-    # A peering name makes kopf wait for the peering CRDs; a standalone operator must not name one.
-    peering = {"peering_name": args.peering, "priority": args.priority} if args.peering else {"standalone": True}
+    if args.leader_elect:
+        handlers.OPTIONS.leader_election_namespace = args.leader_election_namespace
+        handlers.OPTIONS.leader_election_id = args.leader_election_id
+        handlers.OPTIONS.identity = default_identity()
     kopf.run(
         namespaces=args.namespaces,
         clusterwide=not args.namespaces,
-        **peering,
+        # Never kopf's peering: it pauses only the watches, not our workers (the Lease decides who works).
+        standalone=True,
         liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
         loop=asyncio.new_event_loop(),
     )
@@ -100,7 +106,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "run" and args.leader_elect and not args.leader_election_namespace:
+        parser.error("--leader-elect needs --leader-election-namespace (or $POD_NAMESPACE)")
     if args.command == "crds":
         from vllm_operator import crd
 

@@ -125,6 +125,19 @@ class Controller:
         if key in self.resources:
             self.queue.add(key)
 
+    # -- leadership ---------------------------------------------------------------------------
+
+    def resync(self) -> None:
+        """Queue every known LLMDeployment, so that a new leader reconciles each once."""
+        for key in self.resources:
+            self.queue.add(key)
+
+    def forget_term(self) -> None:
+        """Drop what only the ending term saw; a later term starts from the watched bodies instead."""
+        self._statuses.clear()
+        self.engines.clear()
+        self.apply_errors.clear()
+
     # -- reconcile ----------------------------------------------------------------------------
 
     async def run_workers(self, count: int) -> None:

@@ -1,4 +1,8 @@
-"""kopf wiring: watches feed the controller; start-up and clean-up own its tasks. No logic here."""
+"""kopf wiring: watches feed the controller; start-up and clean-up own its tasks. No logic here.
+
+Every replica watches, so a standby's stores are warm when it takes over; only the leader (or a
+replica run without ``--leader-elect``) reconciles and scrapes.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,11 @@ from typing import Any
 import kopf
 from prometheus_client import start_http_server
 
-from vllm_operator import api
+from vllm_operator import api, observability
 from vllm_operator.controller import Controller
 from vllm_operator.engine_monitor import EngineMonitor
 from vllm_operator.kube import Credentials, Kube
+from vllm_operator.leader import LeaderElector
 from vllm_operator.manifests import SELECTOR_LABEL
 
 
@@ -24,6 +29,10 @@ class RunOptions:
     scrape_interval: float = 15.0
     scrape_timeout: float = 5.0
     scrape_concurrency: int = 64
+    # The Lease's namespace and name and this replica's identity; no namespace: no election.
+    leader_election_namespace: str | None = None
+    leader_election_id: str = "vllm-operator"
+    identity: str = ""
 
 
 OPTIONS = RunOptions()
@@ -47,25 +56,34 @@ async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
         start_http_server(OPTIONS.metrics_port)
     kube = Kube(Credentials.load(OPTIONS.kubeconfig))
     controller = Controller(kube)
+    if OPTIONS.leader_election_namespace:
+        elector = LeaderElector(kube, OPTIONS.leader_election_namespace, OPTIONS.leader_election_id, OPTIONS.identity)
+        task = asyncio.create_task(elector.run(lambda: _work(controller)), name="leader-election")
+    else:
+        task = asyncio.create_task(_work(controller), name="work")
+    _state.update(kube=kube, controller=controller, task=task)
+
+
+async def _work(controller: Controller) -> None:
+    """Reconcile and scrape until cancelled: for the whole run, or for one term as leader."""
+    # A monitor per term: rates from the previous term's samples would span the time in between.
     monitor = EngineMonitor(controller, OPTIONS.scrape_interval, OPTIONS.scrape_timeout, OPTIONS.scrape_concurrency)
-    _state.update(
-        kube=kube,
-        controller=controller,
-        monitor=monitor,
-        tasks=[
-            asyncio.create_task(controller.run_workers(OPTIONS.workers), name="reconcile-workers"),
-            asyncio.create_task(monitor.run(), name="engine-monitor"),
-        ],
-    )
+    controller.resync()
+    observability.LEADER.set(1)
+    try:
+        await asyncio.gather(controller.run_workers(OPTIONS.workers), monitor.run())
+    finally:
+        observability.LEADER.set(0)
+        controller.forget_term()
+        await monitor.close()
 
 
 @kopf.on.cleanup()
 async def stop(**_: Any) -> None:
-    for task in _state.get("tasks", []):
-        task.cancel()
-    await asyncio.gather(*_state.get("tasks", []), return_exceptions=True)
-    if "monitor" in _state:
-        await _state["monitor"].close()
+    if "task" in _state:
+        # With leader election this also stops the term before releasing the Lease.
+        _state["task"].cancel()
+        await asyncio.gather(_state["task"], return_exceptions=True)
     if "kube" in _state:
         await _state["kube"].close()
 

@@ -30,6 +30,7 @@ RESOURCES: Mapping[str, tuple[str, str]] = {
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
     api.KIND: (f"/apis/{api.GROUP}/{api.VERSION}", api.PLURAL),
     "Event": ("/api/v1", "events"),
+    "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
 }
 
 
@@ -130,6 +131,17 @@ class Kube:
             content_type="application/apply-patch+yaml",
         )
 
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        return await self.request("GET", object_path(kind, namespace, name))
+
+    async def create(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        return await self.request("POST", object_path(manifest["kind"], manifest["metadata"]["namespace"]), body=manifest)
+
+    async def replace(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """PUT: with ``metadata.resourceVersion`` set, a 409 means someone else wrote the object first."""
+        meta = manifest["metadata"]
+        return await self.request("PUT", object_path(manifest["kind"], meta["namespace"], meta["name"]), body=manifest)
+
     async def delete(self, kind: str, namespace: str, name: str) -> None:
         try:
             await self.request("DELETE", object_path(kind, namespace, name), body={"propagationPolicy": "Background"})
@@ -172,4 +184,4 @@ class Kube:
             "lastTimestamp": now,
             "count": 1,
         }
-        await self.request("POST", object_path("Event", meta["namespace"]), body=event)
+        await self.create(event)

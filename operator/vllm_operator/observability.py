@@ -20,6 +20,7 @@ SCRAPE_SECONDS = Histogram(
 )
 SCRAPE_FAILURES = Counter("vllm_operator_scrape_failures_total", "Engine /metrics or /health requests that failed.")
 PHASES = Gauge("vllm_operator_llmdeployments", "LLMDeployments by phase.", ["phase"])
+LEADER = Gauge("vllm_operator_leader", "1 while this replica reconciles and scrapes (leads), 0 while it stands by.")
 
 _phases: dict[tuple[str, str], str] = {}
 

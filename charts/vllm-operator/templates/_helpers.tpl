@@ -44,14 +44,14 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/* "true" when several replicas share the work through kopf peering, empty otherwise. */}}
-{{- define "vllm-operator.peered" -}}
+{{/* "true" when several replicas elect a leader through a Lease, empty otherwise. */}}
+{{- define "vllm-operator.replicated" -}}
 {{- if gt (int .Values.replicaCount) 1 }}true{{ end }}
 {{- end }}
 
 {{/*
 Where the operator works: the watched namespaces, or [""] for the whole cluster. Objects that
-exist once per scope (RBAC, peering) range over it. Returned as JSON; read with fromJsonArray.
+exist once per scope (RBAC) range over it. Returned as JSON; read with fromJsonArray.
 */}}
 {{- define "vllm-operator.scopes" -}}
 {{- .Values.watchNamespaces | default (list "") | toJson }}
@@ -59,7 +59,6 @@ exist once per scope (RBAC, peering) range over it. Returned as JSON; read with 
 
 {{/*
 The operator's permissions, the same in a namespace (Role) and cluster-wide (ClusterRole).
-Called with (dict "root" $ "peerings" "kopfpeerings"|"clusterkopfpeerings").
 Children are written by server-side apply: a PATCH, which needs `create` too when the object
 does not exist yet. Reads are watches (kopf) and never need more than get/list/watch.
 */}}
@@ -91,14 +90,55 @@ does not exist yet. Reads are watches (kopf) and never need more than get/list/w
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
-{{- if include "vllm-operator.peered" .root }}
-# kopf peering: every replica watches the peering object and writes its own liveness into it.
-- apiGroups: [kopf.dev]
-  resources: [{{ .peerings }}]
-  verbs: [list, watch]
-- apiGroups: [kopf.dev]
-  resources: [{{ .peerings }}]
-  resourceNames: [{{ include "vllm-operator.fullname" .root }}]
-  verbs: [get, patch]
 {{- end }}
+
+{{/*
+Leader election: the replicas read and renew one Lease, named after the release. RBAC cannot
+limit `create` by name (the object has no name until it exists), so that rule is unrestricted.
+*/}}
+{{- define "vllm-operator.leaseRules" -}}
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  verbs: [create]
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  resourceNames: [{{ include "vllm-operator.fullname" . }}]
+  verbs: [get, update]
+{{- end }}
+
+{{/*
+A Role (in a namespace) or ClusterRole (namespace "") and its binding to the operator's
+ServiceAccount. Called with (dict "root" $ "namespace" ns "name" name "rules" rulesYaml).
+*/}}
+{{- define "vllm-operator.boundRole" -}}
+{{- $kind := ternary "Role" "ClusterRole" (ne .namespace "") -}}
+apiVersion: rbac.authorization.k8s.io/v1
+kind: {{ $kind }}
+metadata:
+  name: {{ .name }}
+  {{- with .namespace }}
+  namespace: {{ . }}
+  {{- end }}
+  labels:
+    {{- include "vllm-operator.labels" .root | nindent 4 }}
+rules:
+  {{- .rules | nindent 2 }}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: {{ $kind }}Binding
+metadata:
+  name: {{ .name }}
+  {{- with .namespace }}
+  namespace: {{ . }}
+  {{- end }}
+  labels:
+    {{- include "vllm-operator.labels" .root | nindent 4 }}
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: {{ $kind }}
+  name: {{ .name }}
+subjects:
+  - kind: ServiceAccount
+    name: {{ include "vllm-operator.serviceAccountName" .root }}
+    namespace: {{ .root.Release.Namespace }}
 {{- end }}

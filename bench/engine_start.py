@@ -1,0 +1,104 @@
+"""Start-up of a real vLLM CPU replica with an empty compile cache and with the one the cache PVC kept."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import statistics
+import time
+from pathlib import Path, PurePosixPath
+
+import aiohttp
+import yaml
+
+from bench.report import Row
+from bench.rig import Rig
+from bench.sizes import Size
+from devcluster import engine
+from devcluster.cluster import REPO_ROOT
+from devcluster.prefill import claim_folder, prefill_model_cache
+from vllm_operator.engine_args import CACHE_MOUNT, ENGINE_PORT, VLLM_CACHE_ROOT
+from vllm_operator.manifests import SELECTOR_LABEL, cache_claim_name
+
+NAMESPACE = "bench-engine"
+EXAMPLE = REPO_ROOT / "examples" / "cpu-tiny.yaml"
+TARGET_SAVING = 0.35
+START_TIMEOUT = 420.0
+POLL_SECONDS = 0.25
+
+
+def method(size: Size) -> str:
+    return (f"**engine start**: `examples/cpu-tiny.yaml` (real vLLM CPU on node `local-0`, the tiny model "
+            f"copied into its cache PVC first), started {size.engine_starts} time(s) with an empty compile cache "
+            "(`VLLM_CACHE_ROOT` on the PVC removed while scaled to 0) and as often right after, with the cache "
+            "the previous start left there. Timed from the Pod reported `Running` (the process started) to the "
+            f"first 200 from the engine's `/health`, both polled every {POLL_SECONDS:g} s; medians compared. "
+            "The Pod's Ready condition follows at the next probe (startup probe every 10 s).")
+
+
+async def _pods(rig: Rig, namespace: str, name: str) -> list[dict]:
+    found = await rig.kube.request("GET", f"/api/v1/namespaces/{namespace}/pods",
+                                   params={"labelSelector": f"{SELECTOR_LABEL}={name}"})
+    return list(found["items"])
+
+
+async def _running_pod_ip(rig: Rig, namespace: str, name: str) -> str | None:
+    for pod in await _pods(rig, namespace, name):
+        status = pod.get("status") or {}
+        if not pod["metadata"].get("deletionTimestamp") and status.get("phase") == "Running" and status.get("podIP"):
+            return str(status["podIP"])
+    return None
+
+
+async def _no_pods(rig: Rig, namespace: str, name: str) -> bool:
+    return not await _pods(rig, namespace, name)
+
+
+async def _healthy(rig: Rig, ip: str) -> bool:
+    try:
+        async with rig.http.get(f"http://{ip}:{ENGINE_PORT}/health", timeout=aiohttp.ClientTimeout(total=2)) as response:
+            return response.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+async def _start_once(rig: Rig, manifest: dict, compile_cache: Path, warm: bool) -> float:
+    namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+    if not warm:
+        shutil.rmtree(compile_cache, ignore_errors=True)
+    manifest["spec"]["replicas"] = 1
+    await rig.kube.apply_llmdeployment(manifest)
+    ip = await rig.poll(f"a Running engine Pod of {name}", lambda: _running_pod_ip(rig, namespace, name),
+                        START_TIMEOUT, POLL_SECONDS)
+    started = time.monotonic()
+    await rig.poll(f"/health of the engine at {ip}", lambda: _healthy(rig, ip), START_TIMEOUT, POLL_SECONDS)
+    took = time.monotonic() - started
+    manifest["spec"]["replicas"] = 0
+    await rig.kube.apply_llmdeployment(manifest)
+    await rig.poll(f"the engine Pod of {name} gone", lambda: _no_pods(rig, namespace, name), 120)
+    rig.out(f"  engine start ({'warm' if warm else 'cold'} compile cache): {took:.1f}s")
+    return took
+
+
+async def measure(rig: Rig, size: Size) -> Row:
+    await asyncio.to_thread(engine.ensure)
+    await asyncio.to_thread(engine.model)
+    manifest = yaml.safe_load(EXAMPLE.read_text())
+    name = manifest["metadata"]["name"]
+    async with rig.namespace(NAMESPACE) as namespace:
+        manifest["metadata"]["namespace"] = namespace
+        # No engine until the model is in the claim.
+        manifest["spec"]["replicas"] = 0
+        await rig.kube.apply_llmdeployment(manifest)
+        await asyncio.to_thread(prefill_model_cache, rig.api_client, namespace, name)
+        folder = await asyncio.to_thread(claim_folder, rig.api_client, namespace, cache_claim_name(name))
+        compile_cache = folder / PurePosixPath(VLLM_CACHE_ROOT).relative_to(CACHE_MOUNT)
+        cold, warm = [], []
+        for _ in range(size.engine_starts):
+            cold.append(await _start_once(rig, manifest, compile_cache, warm=False))
+            warm.append(await _start_once(rig, manifest, compile_cache, warm=True))
+    cold_s, warm_s = statistics.median(cold), statistics.median(warm)
+    saving = 1 - warm_s / cold_s
+    return Row(f"engine start to /health, median of {size.engine_starts}: cold / warm compile cache",
+               f"{cold_s:.1f} / {warm_s:.1f} s ({100 * saving:.0f}% faster)",
+               f">= {100 * TARGET_SAVING:.0f}% faster", saving >= TARGET_SAVING)

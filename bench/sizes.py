@@ -1,0 +1,34 @@
+"""How big each measurement is: the full size, or ``BENCH_SIZE=small`` for a run of a few minutes."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+SIZE_ENV = "BENCH_SIZE"
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    applies: int  # single applies timed one after another
+    bursts: tuple[int, ...]  # LLMDeployments applied at once; the last burst stays as the fleet
+    window: float  # seconds of the idle and of the busy window
+    engine_starts: int  # cold and warm vLLM starts each
+
+    @property
+    def fleet(self) -> int:
+        return self.bursts[-1]
+
+
+SIZES = {
+    "full": Size("full", applies=200, bursts=(100, 1000), window=60.0, engine_starts=3),
+    "small": Size("small", applies=20, bursts=(20, 50), window=30.0, engine_starts=1),
+}
+
+
+def from_env() -> Size:
+    name = os.environ.get(SIZE_ENV, "full")
+    if name not in SIZES:
+        raise SystemExit(f"{SIZE_ENV}={name!r}: choose one of {', '.join(SIZES)}")
+    return SIZES[name]

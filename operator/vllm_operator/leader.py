@@ -1,0 +1,204 @@
+"""Leader election on a coordination.k8s.io/v1 Lease, so that of several replicas only one works.
+
+The holder renews the Lease every retry period. Another replica takes it once it is free, or once
+the record has not changed for its lease duration on that replica's own clock, which makes the
+election immune to clock skew between replicas (the timestamps in the Lease are never compared).
+A holder that cannot renew within the renew deadline stops working, and the renew deadline is
+shorter than the lease duration, so it has stopped before anyone else may start. Writes carry the
+resourceVersion that was read: when two replicas race, the apiserver lets one win and gives the
+other a 409.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from vllm_operator.kube import Kube, KubeError
+
+log = logging.getLogger("vllm_operator.leader")
+
+Spec = Mapping[str, Any]
+
+
+class Action(enum.Enum):
+    ACQUIRE = "acquire"
+    RENEW = "renew"
+    WAIT = "wait"
+
+
+@dataclass(frozen=True)
+class Observed:
+    """The Lease's spec as last read (None: there is no Lease) and the local time it last changed."""
+
+    spec: Spec | None
+    since: float
+
+
+def observe(previous: Observed | None, spec: Spec | None, now: float) -> Observed:
+    # Only a change restarts the expiry clock; a holder that stopped renewing leaves the record as it is.
+    if previous is not None and previous.spec == spec:
+        return previous
+    return Observed(spec, now)
+
+
+def decide(observed: Observed, identity: str, now: float) -> Action:
+    spec = observed.spec
+    if spec is None or not spec.get("holderIdentity"):
+        return Action.ACQUIRE
+    if spec["holderIdentity"] == identity:
+        return Action.RENEW
+    # Our own clock since the record last changed; a missing duration counts as already expired.
+    expired = now >= observed.since + (spec.get("leaseDurationSeconds") or 0)
+    return Action.ACQUIRE if expired else Action.WAIT
+
+
+def microtime(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def held_spec(current: Spec | None, identity: str, duration_seconds: int, now: datetime) -> dict[str, Any]:
+    """The spec that acquires the Lease for ``identity``, or renews it when it already holds it."""
+    stamp = microtime(now)
+    if current is not None and current.get("holderIdentity") == identity:
+        return {**current, "leaseDurationSeconds": duration_seconds, "renewTime": stamp}
+    transitions = 0 if current is None else current.get("leaseTransitions", 0) + 1
+    return {"holderIdentity": identity, "leaseDurationSeconds": duration_seconds, "acquireTime": stamp,
+            "renewTime": stamp, "leaseTransitions": transitions}
+
+
+def released_spec(current: Spec, now: datetime) -> dict[str, Any]:
+    """Free at once: no holder, and a one-second duration for replicas that read the record before."""
+    stamp = microtime(now)
+    return {"holderIdentity": "", "leaseDurationSeconds": 1, "acquireTime": stamp, "renewTime": stamp,
+            "leaseTransitions": current.get("leaseTransitions", 0)}
+
+
+def default_identity() -> str:
+    return os.environ.get("POD_NAME") or f"{socket.gethostname()}_{os.getpid()}"
+
+
+class LeaderElector:
+    def __init__(
+        self, kube: Kube, namespace: str, name: str, identity: str, *, lease_duration: float = 15.0,
+        renew_deadline: float = 10.0, retry_period: float = 2.0, clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not retry_period < renew_deadline < lease_duration:
+            raise ValueError("leader election needs retry period < renew deadline < lease duration")
+        self.kube = kube
+        self.namespace = namespace
+        self.name = name
+        self.identity = identity
+        self.lease_duration = lease_duration
+        self.renew_deadline = renew_deadline
+        self.retry_period = retry_period
+        self._clock = clock
+        self._observed: Observed | None = None
+        self._lease: dict[str, Any] | None = None  # as last written by this replica
+        self._renewed_at = 0.0
+        self._term: asyncio.Task[None] | None = None
+
+    @property
+    def leading(self) -> bool:
+        return self._term is not None
+
+    async def run(self, lead: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Campaign until cancelled; ``lead()`` runs as a task exactly while this replica holds the Lease."""
+        log.info(f"campaigning for lease {self.namespace}/{self.name} as {self.identity}")
+        try:
+            while True:
+                await self._round(lead)
+                await asyncio.sleep(self._pause())
+        finally:
+            if self.leading:
+                # Stop working first: nothing may be written once a standby can take over.
+                await self._stop_leading("shutting down", logging.INFO)
+                await self._release()
+
+    async def _round(self, lead: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        now = self._clock()
+        if self.leading and now >= self._renewed_at + self.renew_deadline:
+            await self._stop_leading(f"no renewal within {self.renew_deadline:g}s")
+        budget = self._renewed_at + self.renew_deadline - now if self.leading else self.renew_deadline
+        try:
+            async with asyncio.timeout(budget):
+                held = await self._try_acquire_or_renew(now)
+        except (KubeError, TimeoutError) as exc:
+            log.warning(f"lease {self.namespace}/{self.name} not read or written: {exc or 'timed out'}")
+            return  # a holder keeps working until its renew deadline
+        if held:
+            self._renewed_at = now
+            if not self.leading:
+                log.info(f"became the leader (lease {self.namespace}/{self.name})")
+                self._term = asyncio.create_task(lead(), name="leader-term")
+        elif self.leading:
+            await self._stop_leading("another replica took the lease")
+
+    def _pause(self) -> float:
+        if not self.leading:
+            return self.retry_period
+        # Wake up no later than the renew deadline, to stop working in time.
+        return max(0.0, min(self.retry_period, self._renewed_at + self.renew_deadline - self._clock()))
+
+    async def _try_acquire_or_renew(self, now: float) -> bool:
+        try:
+            lease: dict[str, Any] | None = await self.kube.get("Lease", self.namespace, self.name)
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+            lease = None
+        previous = self._observed
+        self._observed = observe(previous, None if lease is None else lease.get("spec") or {}, now)
+        if decide(self._observed, self.identity, now) is Action.WAIT:
+            holder = (self._observed.spec or {}).get("holderIdentity")
+            if previous is None or (previous.spec or {}).get("holderIdentity") != holder:
+                log.info(f"standing by: lease {self.namespace}/{self.name} is held by {holder}")
+            return False
+        spec = held_spec(self._observed.spec, self.identity, math.ceil(self.lease_duration), datetime.now(timezone.utc))
+        try:
+            if lease is None:
+                written = await self.kube.create(self._manifest(spec))
+            else:
+                written = await self.kube.replace(self._manifest(spec, lease["metadata"]["resourceVersion"]))
+        except KubeError as exc:
+            if exc.status == 409:  # another replica wrote first
+                return False
+            raise
+        self._lease = written
+        self._observed = Observed(written.get("spec") or {}, now)
+        return True
+
+    async def _stop_leading(self, reason: str, level: int = logging.WARNING) -> None:
+        term, self._term = self._term, None
+        if term is not None:
+            term.cancel()
+            await asyncio.gather(term, return_exceptions=True)
+        log.log(level, f"stopped leading: {reason}")
+
+    async def _release(self) -> None:
+        if self._lease is None:
+            return
+        spec = released_spec(self._lease.get("spec") or {}, datetime.now(timezone.utc))
+        try:
+            async with asyncio.timeout(self.retry_period):
+                await self.kube.replace(self._manifest(spec, self._lease["metadata"]["resourceVersion"]))
+        except (KubeError, TimeoutError) as exc:
+            # A 409: someone else holds it already; otherwise it expires after the lease duration.
+            log.warning(f"lease {self.namespace}/{self.name} not released: {exc or 'timed out'}")
+            return
+        log.info(f"released lease {self.namespace}/{self.name}")
+
+    def _manifest(self, spec: Spec, resource_version: str | None = None) -> dict[str, Any]:
+        meta: dict[str, Any] = {"name": self.name, "namespace": self.namespace}
+        if resource_version is not None:
+            meta["resourceVersion"] = resource_version
+        return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta, "spec": spec}
