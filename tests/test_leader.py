@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -174,15 +174,17 @@ async def until(what: str, probe: Callable[[], bool], timeout: float) -> float:
     return time.monotonic() - started
 
 
-def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(test())
+async def leader(kube: Kube) -> Replica:
+    """Replica a, alone, once it leads."""
+    a = Replica(kube, "a").start()
+    await until("a to lead", lambda: a.working, 2)
+    return a
 
 
 def test_one_replica_works_and_a_clean_stop_hands_over_at_once() -> None:
     async def body() -> None:
         async with apiserver() as (fake, kube):
-            a = Replica(kube, "a").start()
-            await until("a to lead", lambda: a.working, 2)
+            a = await leader(kube)
             b = Replica(kube, "b").start()
             await asyncio.sleep(3 * TIMING["retry_period"])
             assert fake.holder() == "a" and not b.working
@@ -195,7 +197,7 @@ def test_one_replica_works_and_a_clean_stop_hands_over_at_once() -> None:
             assert fake.leases["lease"]["spec"]["leaseTransitions"] == 1
             await b.stop()
 
-    run(body)
+    asyncio.run(body())
 
 
 def test_a_holder_that_died_is_replaced_after_the_lease_duration() -> None:
@@ -210,14 +212,13 @@ def test_a_holder_that_died_is_replaced_after_the_lease_duration() -> None:
             assert fake.holder() == "a" and fake.leases["lease"]["spec"]["leaseTransitions"] == 4
             await a.stop()
 
-    run(body)
+    asyncio.run(body())
 
 
 def test_a_leader_cut_off_from_the_apiserver_stops_before_its_lease_expires() -> None:
     async def body() -> None:
         async with apiserver() as (fake, kube):
-            a = Replica(kube, "a").start()
-            await until("a to lead", lambda: a.working, 2)
+            a = await leader(kube)
             fake.down = True
             renewed = fake.writes[-1][0]
             await until("a to stop working", lambda: not a.working, 2)
@@ -229,14 +230,13 @@ def test_a_leader_cut_off_from_the_apiserver_stops_before_its_lease_expires() ->
             assert fake.holder() == "a"
             await a.stop()
 
-    run(body)
+    asyncio.run(body())
 
 
 def test_a_leader_whose_lease_was_taken_stops_at_once() -> None:
     async def body() -> None:
         async with apiserver() as (fake, kube):
-            a = Replica(kube, "a").start()
-            await until("a to lead", lambda: a.working, 2)
+            a = await leader(kube)
             lease = fake.leases["lease"]
             lease["spec"] = {**lease["spec"], "holderIdentity": "intruder"}
             lease["metadata"]["resourceVersion"] = "taken"
@@ -245,4 +245,4 @@ def test_a_leader_whose_lease_was_taken_stops_at_once() -> None:
             await a.stop()
             assert fake.holder() == "intruder"  # nothing released that was not a's
 
-    run(body)
+    asyncio.run(body())

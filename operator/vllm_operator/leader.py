@@ -133,7 +133,7 @@ class LeaderElector:
             async with asyncio.timeout(budget):
                 held = await self._try_acquire_or_renew(now)
         except (KubeError, TimeoutError) as exc:
-            log.warning(f"lease {self.namespace}/{self.name} not read or written: {exc or 'timed out'}")
+            log.warning(f"lease {self.namespace}/{self.name} not read or written: {str(exc) or 'timed out'}")
             return  # a holder keeps working until its renew deadline
         if held:
             self._renewed_at = now
@@ -193,7 +193,7 @@ class LeaderElector:
                 await self.kube.replace(self._manifest(spec, self._lease["metadata"]["resourceVersion"]))
         except (KubeError, TimeoutError) as exc:
             # A 409: someone else holds it already; otherwise it expires after the lease duration.
-            log.warning(f"lease {self.namespace}/{self.name} not released: {exc or 'timed out'}")
+            log.warning(f"lease {self.namespace}/{self.name} not released: {str(exc) or 'timed out'}")
             return
         log.info(f"released lease {self.namespace}/{self.name}")
 
