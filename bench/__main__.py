@@ -47,7 +47,7 @@ async def _bursts(setting: Rig, size: sizes.Size, selected: set[str]) -> list[Ro
             async with tracking(setting.kube, namespace, expected_children(llmdeployment("probe", namespace))) as seen:
                 rows += await _guarded(f"burst of {count:,}", burst.measure(setting, seen, namespace, count))
                 if count == size.fleet and "fleet" in selected:
-                    rows += await _guarded("fleet", fleet.measure(setting, seen, size))
+                    rows += await _guarded("fleet", fleet.measure(setting, seen, namespace, size))
     return rows
 
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         _out("\n(--only: docs/benchmarks.md left as it was)")
     else:
-        methods = "\n\n".join(m.method(size) for m in (latency, burst, fleet, engine_start))
+        methods = [m.method(size) for m in (latency, burst, fleet, engine_start)]
         _out(f"\nwritten to {write_doc(rows, size, SCRAPE_INTERVAL, methods)}")
     return 0
 

@@ -29,11 +29,15 @@ POLL_SECONDS = 0.25
 
 def method(size: Size) -> str:
     return (f"**engine start**: `examples/cpu-tiny.yaml` (real vLLM CPU on node `local-0`, the tiny model "
-            f"copied into its cache PVC first), started {size.engine_starts} time(s) with an empty compile cache "
+            f"copied into its cache PVC first), started {_times(size.engine_starts)} with an empty compile cache "
             "(`VLLM_CACHE_ROOT` on the PVC removed while scaled to 0) and as often right after, with the cache "
             "the previous start left there. Timed from the Pod reported `Running` (the process started) to the "
             f"first 200 from the engine's `/health`, both polled every {POLL_SECONDS:g} s; medians compared. "
             "The Pod's Ready condition follows at the next probe (startup probe every 10 s).")
+
+
+def _times(count: int) -> str:
+    return "once" if count == 1 else f"{count} times"
 
 
 async def _pods(rig: Rig, namespace: str, name: str) -> list[dict]:
@@ -56,7 +60,8 @@ async def _no_pods(rig: Rig, namespace: str, name: str) -> bool:
 
 async def _healthy(rig: Rig, ip: str) -> bool:
     try:
-        async with rig.http.get(f"http://{ip}:{ENGINE_PORT}/health", timeout=aiohttp.ClientTimeout(total=2)) as response:
+        url = f"http://{ip}:{ENGINE_PORT}/health"
+        async with rig.http.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
             return response.status == 200
     except (aiohttp.ClientError, TimeoutError):
         return False

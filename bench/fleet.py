@@ -11,14 +11,17 @@ from typing import Any
 
 from bench import metrics
 from bench.report import Row
-from bench.rig import SCRAPE_INTERVAL, Rig, cpu_seconds, peak_rss_mib, simengines_admin_url
+from bench.rig import SCRAPE_INTERVAL, Out, Rig, cpu_seconds, peak_rss_mib, simengines_admin_url
 from bench.sizes import Size
 from bench.tracker import Tracker
 from vllm_operator import api
+from vllm_operator.kube import FIELD_MANAGER
 
-# Everything the operator reads or writes besides Pods (which kwok and the controllers also write).
-OPERATOR_RESOURCES = {api.PLURAL, "deployments", "services", "persistentvolumeclaims", "poddisruptionbudgets", "events"}
+# What the operator writes, Events aside; in a settled fleet nothing else writes these.
+OPERATOR_RESOURCES = {api.PLURAL, "deployments", "services", "persistentvolumeclaims", "poddisruptionbudgets"}
 WRITE_VERBS = {"POST", "PUT", "PATCH", "APPLY", "DELETE", "DELETECOLLECTION"}
+# Watches are left out: the apiserver counts one when it ends, and every informer re-opens its own.
+READ_VERBS = {"GET", "LIST"}
 SWEEP_METRIC = "vllm_operator_scrape_sweep_duration_seconds"
 SWEEP_TARGET_SECONDS = 2.0
 RSS_TARGET_MIB = 150.0
@@ -33,10 +36,13 @@ must be `Ready` with `status.engine.scrapedReplicas: 1`, and the operator's own 
 still for two scrape intervals.
 
 **idle cost**: the apiserver's `apiserver_request_total` (its own `/metrics`, which has no user label) is
-read before and after {span} of idle engines; the difference on the resources the operator touches
-(llmdeployments and their status, deployments, services, persistentvolumeclaims, poddisruptionbudgets,
-events) is scaled to a minute. Nothing else writes those resources while the fleet is idle, and the
-benchmark itself sends nothing but the two reads of `/metrics`. The operator's own count of its writes
+read before and after {span} of idle engines; the difference on the resources the operator writes
+(llmdeployments and their status, deployments, services, persistentvolumeclaims, poddisruptionbudgets)
+is scaled to a minute. Nothing else writes those while the fleet is idle, and the benchmark sends nothing
+but the reads at both ends of the window. Reads (GET, LIST) are shown too; watches are not, as the
+apiserver counts one when it ends and every informer in the cluster re-opens its own. Events are
+counted apart, as the Events with source `vllm-operator` that appeared in the window: the local cluster's endpoint controllers keep writing
+Events of their own (Pod IPs on loopback are not valid endpoints). The operator's own count of its writes
 (`vllm_operator_api_writes_total`) is shown beside it.
 
 **steady traffic**: the simulated engines are switched to busy (their counters grow every second), and the
@@ -55,6 +61,7 @@ above, so it covers the bursts, the settled fleet and the busy window."""
 class Window:
     seconds: float
     requests: metrics.Requests  # apiserver requests served in the window
+    operator_events: float
     operator_writes: float
     operator_cpu: float
     sweeps: float
@@ -85,10 +92,18 @@ async def _snapshot(rig: Rig) -> tuple[float, str, str, float]:
     return time.monotonic(), apiserver, operator, cpu_seconds(rig.operator_pid)
 
 
-async def window(rig: Rig, seconds: float) -> Window:
+async def _operator_events(rig: Rig, namespace: str) -> float:
+    found = await rig.kube.request("GET", f"/api/v1/namespaces/{namespace}/events",
+                                   params={"fieldSelector": f"source={FIELD_MANAGER}"})
+    return float(sum(event.get("count") or 1 for event in found["items"]))
+
+
+async def window(rig: Rig, namespace: str, seconds: float) -> Window:
+    events0 = await _operator_events(rig, namespace)
     began, apiserver0, operator0, cpu0 = await _snapshot(rig)
     await asyncio.sleep(seconds)
     ended, apiserver1, operator1, cpu1 = await _snapshot(rig)
+    events1 = await _operator_events(rig, namespace)
     before, after = metrics.buckets(operator0, SWEEP_METRIC), metrics.buckets(operator1, SWEEP_METRIC)
 
     def delta(name: str) -> float:
@@ -99,6 +114,7 @@ async def window(rig: Rig, seconds: float) -> Window:
     return Window(
         seconds=ended - began,
         requests=+requests,
+        operator_events=events1 - events0,
         operator_writes=delta("vllm_operator_api_writes_total"),
         operator_cpu=cpu1 - cpu0,
         sweeps=delta(f"{SWEEP_METRIC}_count"),
@@ -131,43 +147,55 @@ def _per_minute(counts: Counter[str], minutes: float) -> str:
     return ", ".join(f"{what} {value / minutes:.1f}" for what, value in sorted(counts.items())) or "none"
 
 
-async def measure(rig: Rig, tracker: Tracker, size: Size) -> list[Row]:
+def _idle_row(idle: Window, count: int, out: Out) -> Row:
+    requests = idle.operator_requests()
+    api_writes = sum(value for what, value in requests.items() if what.split()[0] in WRITE_VERBS)
+    writes = api_writes + idle.operator_events
+    reads = sum(value for what, value in requests.items() if what.split()[0] in READ_VERBS)
+    out(f"  idle: requests/min on the operator's resources: {_per_minute(requests, idle.seconds / 60)}; "
+        f"Events by the operator {idle.per_minute(idle.operator_events):.1f}/min; "
+        f"operator CPU {idle.per_minute(idle.operator_cpu):.1f} s/min")
+    return Row(f"idle cost: API requests/min, {count:,} idle LLMDeployments",
+               f"{idle.per_minute(writes):.1f} writes/min, {idle.per_minute(reads):.1f} reads/min "
+               f"(the operator counted {idle.per_minute(idle.operator_writes):.1f} writes/min)",
+               "0 writes", writes == 0 and idle.operator_writes == 0)
+
+
+def _steady_row(busy: Window, count: int, out: Out) -> Row:
+    writes = sum(value for (verb, resource, sub), value in busy.requests.items()
+                 if resource == api.PLURAL and sub == "status" and verb in WRITE_VERBS)
+    per_resource = busy.per_minute(writes) / count
+    out(f"  busy: {writes:.0f} status writes in {busy.seconds:.0f}s; "
+        f"operator CPU {busy.per_minute(busy.operator_cpu):.1f} s/min")
+    limit = 60 / SCRAPE_INTERVAL
+    return Row(f"steady traffic: status writes per LLMDeployment per minute, engines busy (scrape every "
+               f"{SCRAPE_INTERVAL:g} s)", f"{per_resource:.2f}", f"<= {limit:g}", per_resource <= limit)
+
+
+def _sweep_row(idle: Window, count: int) -> Row:
+    mean = idle.sweep_seconds / idle.sweeps if idle.sweeps else float("inf")
+    bound = idle.slowest_sweep_bound()
+    failures = f", {idle.scrape_failures:.0f} failed scrapes" if idle.scrape_failures else ""
+    return Row(f"scrape sweep of {count:,} endpoints",
+               f"mean {mean:.2f} s over {idle.sweeps:.0f} sweeps, each <= {bound:g} s{failures}",
+               f"<= {SWEEP_TARGET_SECONDS:g} s", bound <= SWEEP_TARGET_SECONDS and not idle.scrape_failures)
+
+
+async def measure(rig: Rig, tracker: Tracker, namespace: str, size: Size) -> list[Row]:
     count = size.fleet
     await settle(rig, tracker, count)
-    idle = await window(rig, size.window)
+    idle = await window(rig, namespace, size.window)
     admin = simengines_admin_url(rig.kubeconfig)
     await rig.post(f"{admin}/mode/busy")
     try:
-        busy = await window(rig, size.window)
+        busy = await window(rig, namespace, size.window)
     finally:
         await rig.post(f"{admin}/mode/idle")
     peak = peak_rss_mib(rig.operator_pid)
-
-    idle_requests = idle.operator_requests()
-    idle_writes = sum(value for what, value in idle_requests.items() if what.split()[0] in WRITE_VERBS)
-    minutes = idle.seconds / 60
-    rig.out(f"  idle: requests/min on the operator's resources: {_per_minute(idle_requests, minutes)}; "
-            f"operator CPU {idle.per_minute(idle.operator_cpu):.1f} s/min")
-    status_writes = sum(value for (verb, resource, sub), value in busy.requests.items()
-                        if resource == api.PLURAL and sub == "status" and verb in WRITE_VERBS)
-    per_resource = busy.per_minute(status_writes) / count
-    rig.out(f"  busy: {status_writes:.0f} status writes in {busy.seconds:.0f}s; "
-            f"operator CPU {busy.per_minute(busy.operator_cpu):.1f} s/min")
-    mean_sweep = idle.sweep_seconds / idle.sweeps if idle.sweeps else float("inf")
-    bound = idle.slowest_sweep_bound()
-    failures = f", {idle.scrape_failures:.0f} failed scrapes" if idle.scrape_failures else ""
-    limit = 60 / SCRAPE_INTERVAL
     return [
-        Row(f"idle cost: API requests/min, {count:,} idle LLMDeployments",
-            f"{idle.per_minute(idle_writes):.1f} writes/min, "
-            f"{idle.per_minute(sum(idle_requests.values()) - idle_writes):.1f} other requests/min "
-            f"(the operator counted {idle.per_minute(idle.operator_writes):.1f} writes/min)",
-            "0 writes", idle_writes == 0 and idle.operator_writes == 0),
-        Row(f"steady traffic: status writes per LLMDeployment per minute, engines busy (scrape every "
-            f"{SCRAPE_INTERVAL:g} s)", f"{per_resource:.2f}", f"<= {limit:g}", per_resource <= limit),
-        Row(f"scrape sweep of {count:,} endpoints", f"mean {mean_sweep:.2f} s over {idle.sweeps:.0f} sweeps, "
-            f"each <= {bound:g} s{failures}", f"<= {SWEEP_TARGET_SECONDS:g} s",
-            bound <= SWEEP_TARGET_SECONDS and not idle.scrape_failures),
+        _idle_row(idle, count, rig.out),
+        _steady_row(busy, count, rig.out),
+        _sweep_row(idle, count),
         Row(f"operator peak RSS, {count:,} LLMDeployments and scraped endpoints", f"{peak:.0f} MiB",
             f"<= {RSS_TARGET_MIB:g} MiB", peak <= RSS_TARGET_MIB),
     ]

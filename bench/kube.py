@@ -78,7 +78,8 @@ class BenchKube(Kube):
                 async for line in response.content:
                     event = json.loads(line)
                     if event["type"] == "ERROR":
-                        raise KubeError(event["object"].get("code", 0), f"watch {path}: {event['object'].get('message')}")
+                        status = event["object"]
+                        raise KubeError(status.get("code", 0), f"watch {path}: {status.get('message')}")
                     version = event["object"]["metadata"]["resourceVersion"]
                     if event["type"] != "BOOKMARK":
                         on_event(event["type"], event["object"])

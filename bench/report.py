@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -11,6 +12,7 @@ from bench.sizes import Size
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 HEADER = ("figure", "result", "target", "verdict")
+WIDTH = 110
 
 
 @dataclass(frozen=True)
@@ -42,21 +44,23 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_doc(rows: list[Row], size: Size, scrape_interval: float, methods: str) -> Path:
-    DOC.write_text(f"""# Benchmarks
+def _paragraphs(*texts: str) -> str:
+    """One wrapped paragraph per blank-line separated block, however the source broke its lines."""
+    blocks = [block for text in texts for block in text.split("\n\n")]
+    # Never break inside a code span such as `vllm-operator`.
+    return "\n\n".join(textwrap.fill(" ".join(block.split()), WIDTH, break_on_hyphens=False, break_long_words=False)
+                       for block in blocks)
 
-`make bench` (or `PYTHONPATH=hack .venv/bin/python -m bench`) measures the operator against the local
-control plane and rewrites this page. `BENCH_SIZE=small` shrinks every size to a run of a few minutes;
-`--only NAME` runs one measurement and leaves this page alone. It reuses the cluster `KUBECONFIG`
-points at, or starts the local cluster and stops it afterwards.
 
-Last run: {date.today().isoformat()}, {os.cpu_count()} cores, size `{size.name}`, operator scrape interval
-{scrape_interval:g} s. The control plane, the simulated engines and the operator share those cores.
-
-{markdown_table(rows)}
-
-## What each figure is
-
-{methods}
-""")
+def write_doc(rows: list[Row], size: Size, scrape_interval: float, methods: list[str]) -> Path:
+    intro = _paragraphs(
+        "`make bench` (or `PYTHONPATH=hack .venv/bin/python -m bench`) measures the operator against the local "
+        "control plane and rewrites this page. `BENCH_SIZE=small` shrinks every size to a run of a few minutes; "
+        "`--only NAME` runs one measurement and leaves this page alone. It reuses the cluster `KUBECONFIG` points "
+        "at, or starts the local cluster and stops it afterwards.",
+        f"Last run: {date.today().isoformat()}, {os.cpu_count()} cores, size `{size.name}`, operator scrape "
+        f"interval {scrape_interval:g} s. The control plane, the simulated engines and the operator share "
+        "those cores.")
+    DOC.write_text(f"# Benchmarks\n\n{intro}\n\n{markdown_table(rows)}\n\n## What each figure is\n\n"
+                   f"{_paragraphs(*methods)}\n")
     return DOC

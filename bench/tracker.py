@@ -54,7 +54,7 @@ class Tracker:
             seen.add(kind)
             if owner not in self.children_at and self.kinds <= seen:
                 self.children_at[owner] = time.monotonic()
-                self._settle(owner)
+                self._check_done(owner)
 
         return handle
 
@@ -67,10 +67,10 @@ class Tracker:
             observed = (obj.get("status") or {}).get("observedGeneration")
             if name not in self.current_at and observed == obj["metadata"].get("generation"):
                 self.current_at[name] = time.monotonic()
-                self._settle(name)
+                self._check_done(name)
         self._changed.set()
 
-    def _settle(self, name: str) -> None:
+    def _check_done(self, name: str) -> None:
         if name in self.children_at and name in self.current_at:
             self.done_at[name] = max(self.children_at[name], self.current_at[name])
         self._changed.set()
