@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_operator.engine_metrics import (
     Counter,
@@ -97,6 +98,51 @@ def test_parse_sums_data_parallel_engines_and_takes_fullest_kv_cache() -> None:
     assert sample.generation_tokens == Counter(15.0, 1002.0)
     assert sample.itl.buckets == {0.1: 4.0, INF: 5.0}
     assert sample.ttft == Histogram() and sample.request_success == {}
+
+
+@pytest.mark.parametrize("name", ["busy", "idle-after-load"])
+def test_parse_agrees_with_prometheus_client_parser(name: str) -> None:
+    text = (DATA / f"metrics-{name}.txt").read_text()
+    sums: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = (s.name, s.labels.get("le") or s.labels.get("finished_reason") or "")
+            sums[key] = sums.get(key, 0.0) + s.value
+    sample = parse_sample(text, 0.0)
+    assert sample.requests_running == sums[("vllm:num_requests_running", "")]
+    assert sample.kv_cache_usage == sums[("vllm:kv_cache_usage_perc", "")]
+    assert sample.generation_tokens == Counter(
+        sums[("vllm:generation_tokens_total", "")], sums[("vllm:generation_tokens_created", "")]
+    )
+    assert {r: c.value for r, c in sample.request_success.items()} == {
+        key[1]: value for key, value in sums.items() if key[0] == "vllm:request_success_total"
+    }
+    assert sample.ttft.buckets == {
+        float(key[1]): value for key, value in sums.items() if key[0] == "vllm:time_to_first_token_seconds_bucket"
+    }
+    assert sample.itl.created == sums[("vllm:inter_token_latency_seconds_created", "")]
+
+
+def test_parse_reads_escaped_label_values_and_labels_with_spaces() -> None:
+    text = "\n".join([
+        'vllm:num_requests_running{model_name="a \\"quoted\\" {name}",engine="0"} 2.0 1700000000000',
+        'vllm:request_success_total{finished_reason="error",model_name="x\\\\y"} 3',
+        'vllm:time_to_first_token_seconds_bucket{le="+Inf",model_name="m"} 4',
+    ])
+    sample = parse_sample(text, 0.0)
+    assert sample.requests_running == 2
+    assert sample.request_success["error"].value == 3.0
+    assert sample.ttft.buckets == {INF: 4.0}
+
+
+@pytest.mark.parametrize("text", [
+    'vllm:num_requests_running{engine="0"}\n',
+    'vllm:num_requests_running{engine="0" 1\n',
+    'vllm:num_requests_running{engine="0"} many\n',
+])
+def test_parse_rejects_malformed_wanted_lines(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_sample(text, 0.0)
 
 
 @pytest.mark.parametrize("text", ["", "# TYPE up gauge\nup 1\n"])

@@ -124,7 +124,8 @@ def test_unusable_metrics_answers_are_explained() -> None:
             results = await scraper.scrape({n: f"{url}/{n}" for n in ("html", "broken", "nometrics")})
             await scraper.close()
         assert results["html"].error == (
-            "GET /metrics answered text that is not usable: invalid metric name:<html><body>Welcome</body></html>"
+            "GET /metrics answered text that is not usable: "
+            "no vllm:num_requests_running in the metrics: is this a vLLM engine?"
         )
         assert results["broken"].error == "GET /metrics answered 500: Internal Server Error traceback ..."
         assert results["nometrics"].error == "GET /metrics answered 404: no /metrics here: is this a vLLM OpenAI server?"

@@ -50,10 +50,19 @@ class MetricsBody:
             else:
                 head, value = line.rsplit(" ", 1)
                 self._lines.append((head, float(value)))
+        self._step = -1
+        self._text = ""
 
     def render(self, elapsed_busy: float) -> str:
-        factor = 1.0 + BUSY_GROWTH_PER_SECOND * elapsed_busy
-        return "\n".join(head if value is None else f"{head} {value * factor}" for head, value in self._lines) + "\n"
+        # Counters advance once a busy second, so one text serves every engine of a sweep: the
+        # simulation shares the operator's cores and must not be what a sweep's time measures.
+        step = int(elapsed_busy)
+        if step != self._step:
+            factor = 1.0 + BUSY_GROWTH_PER_SECOND * step
+            self._text = "\n".join(head if value is None else f"{head} {value * factor}"
+                                   for head, value in self._lines) + "\n"
+            self._step = step
+        return self._text
 
 
 class Engines:

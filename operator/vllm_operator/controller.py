@@ -30,6 +30,7 @@ log = logging.getLogger("vllm_operator.controller")
 
 Key = tuple[str, str]  # (namespace, name)
 RETRY_SECONDS = 5
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 CHILD_KINDS = ("PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget")
 
 
@@ -107,7 +108,7 @@ class Controller:
                 store.pop(key, None)
             observability.set_phase(key, None)
             return
-        self.resources[key] = dict(body)
+        self.resources[key] = slim(body)
         self.queue.add(key)
 
     def observe_child(self, kind: str, event_type: str | None, body: Mapping[str, Any]) -> None:
@@ -121,7 +122,8 @@ class Controller:
         if event_type == "DELETED":
             store.get(key, {}).pop(slot, None)
         else:
-            store.setdefault(key, {})[slot] = dict(body)
+            # Status and metadata are all a Pod's reconcile and scrape read.
+            store.setdefault(key, {})[slot] = slim(body, keep_spec=kind != "Pod")
         if key in self.resources:
             self.queue.add(key)
 
@@ -193,32 +195,41 @@ class Controller:
         await self._write_status(key, body, observation)
 
     async def _sync_children(self, key: Key, body: Mapping[str, Any], spec: LLMDeploymentSpec, owner: Owner) -> None:
+        # Children are independent of each other: one round trip for all of them, not one each.
         live = self.children.get(key, {})
-        errors = []
-        for kind, manifest in children(spec, owner).items():
-            current = live.get(kind)
-            if manifest is None:
-                # A claim is never deleted here: it may hold the user's downloaded weights.
-                if current is not None and kind != "PersistentVolumeClaim" and _owned_by(current, owner):
-                    await self.kube.delete(kind, owner.namespace, current["metadata"]["name"])
-                    observability.record_write("delete", kind)
-                continue
-            if current is not None and matches(manifest, current):
-                continue
-            try:
-                applied = await self.kube.apply(manifest)
-            except KubeError as exc:
-                errors.append(f"applying {kind} {manifest['metadata']['name']} failed: {exc}")
-                continue
-            observability.record_write("apply", kind)
-            self.children.setdefault(key, {})[kind] = applied
-            verb = "created" if current is None else "updated"
-            log.info(f"{kind} {verb}", extra={"namespace": owner.namespace, "llmdeployment": owner.name})
-            await self._event(body, "Normal", f"{kind}{verb.capitalize()}", f"{kind} {manifest['metadata']['name']} {verb}")
+        outcomes = await asyncio.gather(*(
+            self._sync_child(key, body, owner, kind, manifest, live.get(kind))
+            for kind, manifest in children(spec, owner).items()
+        ))
+        errors = [error for error in outcomes if error is not None]
         if errors:
             self.apply_errors[key] = errors
         else:
             self.apply_errors.pop(key, None)
+
+    async def _sync_child(
+        self, key: Key, body: Mapping[str, Any], owner: Owner, kind: str,
+        manifest: dict[str, Any] | None, current: dict[str, Any] | None,
+    ) -> str | None:
+        """Make one child match its manifest; returns why it could not, or None."""
+        if manifest is None:
+            # A claim is never deleted here: it may hold the user's downloaded weights.
+            if current is not None and kind != "PersistentVolumeClaim" and _owned_by(current, owner):
+                await self.kube.delete(kind, owner.namespace, current["metadata"]["name"])
+                observability.record_write("delete", kind)
+            return None
+        if current is not None and matches(manifest, current):
+            return None
+        try:
+            applied = await self.kube.apply(manifest)
+        except KubeError as exc:
+            return f"applying {kind} {manifest['metadata']['name']} failed: {exc}"
+        observability.record_write("apply", kind)
+        self.children.setdefault(key, {})[kind] = slim(applied)
+        verb = "created" if current is None else "updated"
+        log.info(f"{kind} {verb}", extra={"namespace": owner.namespace, "llmdeployment": owner.name})
+        await self._event(body, "Normal", f"{kind}{verb.capitalize()}", f"{kind} {manifest['metadata']['name']} {verb}")
+        return None
 
     async def _write_status(self, key: Key, body: Mapping[str, Any], observation: Observation) -> None:
         previous = self._statuses.get(key) or body.get("status") or {}
@@ -263,6 +274,20 @@ class Controller:
         view.stats, view.unhealthy = stats, unhealthy
         if not unchanged and key in self.resources:
             self.queue.add(key)
+
+
+def slim(body: Mapping[str, Any], keep_spec: bool = True) -> dict[str, Any]:
+    """What the stores keep of a watched object: all but managedFields and kubectl's last-applied copy.
+
+    Those two, and a Pod's spec, are most of an object's size and nothing here reads them.
+    """
+    meta = {k: v for k, v in body["metadata"].items() if k != "managedFields"}
+    annotations = meta.get("annotations")
+    if annotations and LAST_APPLIED in annotations:
+        meta["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
+    kept = {k: v for k, v in body.items() if keep_spec or k != "spec"}
+    kept["metadata"] = meta
+    return kept
 
 
 def _load(stats: EngineStats | None) -> dict[str, Any] | None:

@@ -7,12 +7,12 @@ of the status. Metric names and label sets are those of vLLM 0.32 (see tests/dat
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
@@ -119,33 +119,74 @@ class EngineStats(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, exclude={"last_scrape_time"})
 
 
+# Every sample name parse_sample reads; a body has ~600 lines and this is about a tenth of them.
+_WANTED = frozenset({
+    RUNNING, WAITING, KV_CACHE_USAGE, *_COUNTERS,
+    *(name.removesuffix("_total") + "_created" for name in _COUNTERS),
+    *(name + suffix for name in _HISTOGRAMS for suffix in ("_bucket", "_created")),
+})
+_LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
+_ESCAPES = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+
+
+def _unescape(value: str) -> str:
+    return re.sub(r"\\.", lambda m: _ESCAPES.get(m.group(0), m.group(0)), value) if "\\" in value else value
+
+
+def _wanted_samples(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) of the wanted lines of a text exposition (format 0.0.4).
+
+    prometheus-client's parser reads every label of every line character by character, ~37 ms a
+    body; a sweep of 1,000 engines would need 37 s of CPU. Skipping unwanted names before parsing
+    and reading labels with one regex takes about 1 ms, with the same results (a test compares them).
+    """
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        brace, space = line.find("{"), line.find(" ")
+        if brace != -1 and (space == -1 or brace < space):
+            name = line[:brace]
+            if name not in _WANTED:
+                continue
+            close = line.rfind("}")
+            if close < brace:
+                raise ValueError(f"unclosed label set in line {line[:100]!r}")
+            labels = {key: _unescape(value) for key, value in _LABEL.findall(line, brace + 1, close)}
+            rest = line[close + 1:].split()
+        else:
+            name = line[:space] if space != -1 else line
+            if name not in _WANTED:
+                continue
+            labels, rest = {}, line[space + 1:].split() if space != -1 else []
+        if not rest:
+            raise ValueError(f"no value in line {line[:100]!r}")
+        yield name, labels, float(rest[0])
+
+
 def parse_sample(text: str, at: float) -> EngineSample:
     """Read one /metrics body; raises ValueError for text that is not a vLLM engine's exposition."""
     gauges: dict[str, list[float]] = {}
     counters: dict[str, dict[str, float]] = {}  # name -> group (finished_reason or "") -> sum
     created: dict[str, dict[str, float]] = {}
     buckets: dict[str, dict[float, float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            name, labels, value = sample.name, sample.labels, sample.value
-            if name in (RUNNING, WAITING, KV_CACHE_USAGE):
-                gauges.setdefault(name, []).append(value)
-            elif name in _COUNTERS:
-                group = counters.setdefault(name, {})
-                reason = labels.get("finished_reason", "")
-                group[reason] = group.get(reason, 0.0) + value
-            elif name.endswith("_created"):
-                # A counter's stamp is <base>_created beside <base>_total; a histogram's is <name>_created.
-                base = name.removesuffix("_created")
-                series = base if base in _HISTOGRAMS else f"{base}_total"
-                if series in _COUNTERS or series in _HISTOGRAMS:
-                    group = created.setdefault(series, {})
-                    reason = labels.get("finished_reason", "")
-                    group[reason] = max(group.get(reason, value), value)
-            elif name.endswith("_bucket") and name.removesuffix("_bucket") in _HISTOGRAMS:
-                counts = buckets.setdefault(name.removesuffix("_bucket"), {})
-                bound = float(labels["le"])
-                counts[bound] = counts.get(bound, 0.0) + value
+    for name, labels, value in _wanted_samples(text):
+        if name in (RUNNING, WAITING, KV_CACHE_USAGE):
+            gauges.setdefault(name, []).append(value)
+        elif name in _COUNTERS:
+            group = counters.setdefault(name, {})
+            reason = labels.get("finished_reason", "")
+            group[reason] = group.get(reason, 0.0) + value
+        elif name.endswith("_created"):
+            # A counter's stamp is <base>_created beside <base>_total; a histogram's is <name>_created.
+            base = name.removesuffix("_created")
+            series = base if base in _HISTOGRAMS else f"{base}_total"
+            group = created.setdefault(series, {})
+            reason = labels.get("finished_reason", "")
+            group[reason] = max(group.get(reason, value), value)
+        else:
+            counts = buckets.setdefault(name.removesuffix("_bucket"), {})
+            bound = float(labels["le"])
+            counts[bound] = counts.get(bound, 0.0) + value
     if RUNNING not in gauges:
         raise ValueError(f"no {RUNNING} in the metrics: is this a vLLM engine?")
 
