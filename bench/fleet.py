@@ -41,8 +41,8 @@ read before and after {span} of idle engines; the difference on the resources th
 is scaled to a minute. Nothing else writes those while the fleet is idle, and the benchmark sends nothing
 but the reads at both ends of the window. Reads (GET, LIST) are shown too; watches are not, as the
 apiserver counts one when it ends and every informer in the cluster re-opens its own. Events are
-counted apart, as the Events with source `vllm-operator` that appeared in the window: the local cluster's endpoint controllers keep writing
-Events of their own (Pod IPs on loopback are not valid endpoints). The operator's own count of its writes
+counted apart, as the Events with source `vllm-operator` that appeared in the window, because the scheduler
+and the controller manager write Events of their own. The operator's own count of its writes
 (`vllm_operator_api_writes_total`) is shown beside it.
 
 **steady traffic**: the simulated engines are switched to busy (their counters grow every second), and the

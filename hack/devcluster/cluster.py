@@ -549,7 +549,10 @@ class LocalCluster:
         waiting: list[tuple[str, subprocess.Popen[bytes], str, Callable[[], bool], float]] = []
         for name, port, extra in (
             ("kube-controller-manager", ports.controller_manager, (
-                "--controllers=*", "--use-service-account-credentials=true",
+                # Endpoints may not hold the loopback Pod IPs: those controllers would only retry, and
+                # fill the apiserver's CPU and the Events with their failures.
+                "--controllers=*,-endpoints-controller,-endpointslice-controller,-endpointslice-mirroring-controller",
+                "--use-service-account-credentials=true",
                 f"--service-account-private-key-file={pki['sa'].key}", f"--root-ca-file={pki['ca'].cert}",
                 f"--cluster-signing-cert-file={pki['ca'].cert}", f"--cluster-signing-key-file={pki['ca'].key}")),
             ("kube-scheduler", ports.scheduler, ()),

@@ -80,6 +80,13 @@ class WorkQueue:
         return len(self._waiting) + len(self._running)
 
 
+@dataclass(frozen=True)
+class ChildOutcome:
+    child: str  # "Deployment llama-3-8b"
+    change: str | None = None  # "created" or "updated"
+    error: str | None = None
+
+
 @dataclass
 class EngineView:
     stats: EngineStats | None = None
@@ -198,38 +205,42 @@ class Controller:
         # Children are independent of each other: one round trip for all of them, not one each.
         live = self.children.get(key, {})
         outcomes = await asyncio.gather(*(
-            self._sync_child(key, body, owner, kind, manifest, live.get(kind))
+            self._sync_child(key, owner, kind, manifest, live.get(kind))
             for kind, manifest in children(spec, owner).items()
         ))
-        errors = [error for error in outcomes if error is not None]
+        errors = [outcome.error for outcome in outcomes if outcome.error]
         if errors:
             self.apply_errors[key] = errors
         else:
             self.apply_errors.pop(key, None)
+        # One Event per reconcile and verb: a new LLMDeployment is one "Created", not one per child.
+        for verb in ("created", "updated"):
+            changed = [outcome.child for outcome in outcomes if outcome.change == verb]
+            if changed:
+                await self._event(body, "Normal", verb.capitalize(), f"{verb} {', '.join(changed)}")
 
     async def _sync_child(
-        self, key: Key, body: Mapping[str, Any], owner: Owner, kind: str,
-        manifest: dict[str, Any] | None, current: dict[str, Any] | None,
-    ) -> str | None:
-        """Make one child match its manifest; returns why it could not, or None."""
+        self, key: Key, owner: Owner, kind: str, manifest: dict[str, Any] | None, current: dict[str, Any] | None,
+    ) -> ChildOutcome:
+        """Make one child match its manifest."""
         if manifest is None:
             # A claim is never deleted here: it may hold the user's downloaded weights.
             if current is not None and kind != "PersistentVolumeClaim" and _owned_by(current, owner):
                 await self.kube.delete(kind, owner.namespace, current["metadata"]["name"])
                 observability.record_write("delete", kind)
-            return None
+            return ChildOutcome(kind)
+        child = f"{kind} {manifest['metadata']['name']}"
         if current is not None and matches(manifest, current):
-            return None
+            return ChildOutcome(child)
         try:
             applied = await self.kube.apply(manifest)
         except KubeError as exc:
-            return f"applying {kind} {manifest['metadata']['name']} failed: {exc}"
+            return ChildOutcome(child, error=f"applying {child} failed: {exc}")
         observability.record_write("apply", kind)
         self.children.setdefault(key, {})[kind] = slim(applied)
         verb = "created" if current is None else "updated"
         log.info(f"{kind} {verb}", extra={"namespace": owner.namespace, "llmdeployment": owner.name})
-        await self._event(body, "Normal", f"{kind}{verb.capitalize()}", f"{kind} {manifest['metadata']['name']} {verb}")
-        return None
+        return ChildOutcome(child, change=verb)
 
     async def _write_status(self, key: Key, body: Mapping[str, Any], observation: Observation) -> None:
         previous = self._statuses.get(key) or body.get("status") or {}

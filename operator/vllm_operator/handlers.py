@@ -41,6 +41,23 @@ _state: dict[str, Any] = {}
 _OWNED = {SELECTOR_LABEL: kopf.PRESENT}
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No last-handled state: with only event handlers, kopf's copy and diff of every body is wasted.
+
+    kopf builds that copy for each watch event whatever the handlers; it was a sixth of the
+    operator's CPU while 1,000 LLMDeployments settled.
+    """
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 def _controller() -> Controller:
     return _state["controller"]
 
@@ -52,6 +69,7 @@ async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Serve only what exists at start-up; watching CRDs and namespaces would need more RBAC.
     settings.scanning.disabled = True
     settings.watching.reconnect_backoff = 1.0
+    settings.persistence.diffbase_storage = NoDiffBase()
     if OPTIONS.metrics_port:
         start_http_server(OPTIONS.metrics_port)
     kube = Kube(Credentials.load(OPTIONS.kubeconfig))

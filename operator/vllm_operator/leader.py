@@ -187,15 +187,28 @@ class LeaderElector:
     async def _release(self) -> None:
         if self._lease is None:
             return
-        spec = released_spec(self._lease.get("spec") or {}, datetime.now(timezone.utc))
         try:
             async with asyncio.timeout(self.retry_period):
-                await self.kube.replace(self._manifest(spec, self._lease["metadata"]["resourceVersion"]))
+                try:
+                    await self._write_released(self._lease)
+                except KubeError as exc:
+                    if exc.status != 409:
+                        raise
+                    # A renewal cancelled in flight may have landed after all: free what is still ours.
+                    lease = await self.kube.get("Lease", self.namespace, self.name)
+                    if (lease.get("spec") or {}).get("holderIdentity") != self.identity:
+                        log.info(f"lease {self.namespace}/{self.name} is held by another replica already")
+                        return
+                    await self._write_released(lease)
         except (KubeError, TimeoutError) as exc:
-            # A 409: someone else holds it already; otherwise it expires after the lease duration.
+            # It expires after the lease duration instead.
             log.warning(f"lease {self.namespace}/{self.name} not released: {str(exc) or 'timed out'}")
             return
         log.info(f"released lease {self.namespace}/{self.name}")
+
+    async def _write_released(self, lease: Mapping[str, Any]) -> None:
+        spec = released_spec(lease.get("spec") or {}, datetime.now(timezone.utc))
+        await self.kube.replace(self._manifest(spec, lease["metadata"]["resourceVersion"]))
 
     def _manifest(self, spec: Spec, resource_version: str | None = None) -> dict[str, Any]:
         meta: dict[str, Any] = {"name": self.name, "namespace": self.namespace}

@@ -81,13 +81,14 @@ class MetricsScraper:
             self._session = None
 
     async def _scrape_one(self, session: aiohttp.ClientSession, base_url: str) -> ScrapeResult:
-        health, metrics = await asyncio.gather(
-            self._get(session, base_url, "/health"), self._get(session, base_url, "/metrics")
-        )
-        # A dead engine core is the more useful thing to report when both fail.
-        error = health.error or metrics.error
-        if error is not None:
-            return ScrapeResult(error=error)
+        # One after the other, so /metrics reuses the connection /health opened; a dead engine
+        # core is the more useful thing to report, and then /metrics is not worth asking.
+        health = await self._get(session, base_url, "/health")
+        if health.error is not None:
+            return ScrapeResult(error=health.error)
+        metrics = await self._get(session, base_url, "/metrics")
+        if metrics.error is not None:
+            return ScrapeResult(error=metrics.error)
         try:
             return ScrapeResult(sample=parse_sample(metrics.body, metrics.at))
         except ValueError as exc:
