@@ -217,7 +217,7 @@ def test_default_operator_is_one_hardened_standalone_deployment(helm_path: Path)
                                             "capabilities": {"drop": ["ALL"]}}
     assert container["command"] == ["vllm-operator"]
     assert container["args"] == ["run", "--log-format=json", "--log-level=info", "--metrics-port=8080",
-                                 "--health-port=8081", "--scrape-interval=15", "--scrape-timeout=5", "--workers=8"]
+                                 "--health-port=8081", "--scrape-interval=15", "--scrape-timeout=5", "--workers=32"]
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert {"name": "health", "containerPort": 8081, "protocol": "TCP"} in container["ports"]

@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--health-port", type=_port, default=8081, help="port of the /healthz liveness endpoint (0: off)")
     run.add_argument("--log-format", choices=("json", "text"), default="json", help="log line format")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
-    run.add_argument("--workers", type=_positive(int), default=8, help="LLMDeployments reconciled at once")
+    run.add_argument("--workers", type=_positive(int), default=32, help="LLMDeployments reconciled at once")
     run.add_argument("--scrape-interval", type=_positive(float), default=15.0,
                      help="seconds between scrapes of the engines' /metrics")
     run.add_argument("--scrape-timeout", type=_positive(float), default=5.0, help="seconds one scrape may take")

@@ -104,6 +104,7 @@ class Controller:
         # Errors of the last apply per resource, shown in its status until an apply succeeds.
         self.apply_errors: dict[Key, list[str]] = {}
         self._statuses: dict[Key, dict[str, Any]] = {}
+        self._posting: set[asyncio.Task[None]] = set()
 
     # -- watch events -------------------------------------------------------------------------
 
@@ -217,7 +218,7 @@ class Controller:
         for verb in ("created", "updated"):
             changed = [outcome.child for outcome in outcomes if outcome.change == verb]
             if changed:
-                await self._event(body, "Normal", verb.capitalize(), f"{verb} {', '.join(changed)}")
+                self._event(body, "Normal", verb.capitalize(), f"{verb} {', '.join(changed)}")
 
     async def _sync_child(
         self, key: Key, owner: Owner, kind: str, manifest: dict[str, Any] | None, current: dict[str, Any] | None,
@@ -257,9 +258,15 @@ class Controller:
         self._statuses[key] = status
         observability.set_phase(key, status.get("phase"))
         for type_, reason, message in status_events(previous, status):
-            await self._event(body, type_, reason, message)
+            self._event(body, type_, reason, message)
 
-    async def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        """Record an Event in the background: it is for people, and the reconcile need not wait for it."""
+        task = asyncio.create_task(self._post_event(body, type_, reason, message))
+        self._posting.add(task)  # a task nobody references may be garbage-collected mid-flight
+        task.add_done_callback(self._posting.discard)
+
+    async def _post_event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         try:
             await self.kube.post_event(body, type_, reason, message)
         except KubeError as exc:

@@ -25,7 +25,7 @@ from vllm_operator.manifests import SELECTOR_LABEL
 class RunOptions:
     kubeconfig: str | None = None
     metrics_port: int = 8080
-    workers: int = 8
+    workers: int = 32
     scrape_interval: float = 15.0
     scrape_timeout: float = 5.0
     scrape_concurrency: int = 64

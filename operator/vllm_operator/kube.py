@@ -84,7 +84,7 @@ def object_path(kind: str, namespace: str, name: str | None = None, subresource:
 
 
 class Kube:
-    def __init__(self, credentials: Credentials, max_connections: int = 32) -> None:
+    def __init__(self, credentials: Credentials, max_connections: int = 64) -> None:
         self._credentials = credentials
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
