@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from vllm_operator.controller import LAST_APPLIED, slim
+import asyncio
+import json
+
+from vllm_operator.controller import LAST_APPLIED, Key, WorkQueue, slim
 
 
 def watched(kind: str) -> dict:
@@ -38,3 +41,26 @@ def test_slim_drops_managed_fields_and_last_applied_but_keeps_the_rest() -> None
 def test_slim_can_drop_a_pods_spec() -> None:
     kept = slim(watched("Pod"), keep_spec=False)
     assert "spec" not in kept and kept["status"] == {"phase": "Running"}
+
+
+def test_slim_shares_equal_strings_between_objects() -> None:
+    # As from the watch: every event decodes into strings of its own.
+    first, second = (slim(json.loads(json.dumps(watched("Deployment")))) for _ in range(2))
+    assert first["metadata"]["labels"]["a"] is second["metadata"]["labels"]["a"]
+    assert next(iter(first["spec"])) is next(iter(second["spec"]))
+
+
+def test_delayed_adds_are_folded_into_one() -> None:
+    async def body() -> list[Key]:
+        queue = WorkQueue()
+        for _ in range(3):
+            queue.add_after(("ns", "a"), 0.05)
+        assert len(queue) == 0  # nothing due yet
+        await asyncio.sleep(0.1)
+        got = [await queue.get()]
+        queue.done(got[0])
+        queue.add_after(("ns", "a"), 0.01)
+        got.append(await asyncio.wait_for(queue.get(), 1))
+        return got
+
+    assert asyncio.run(body()) == [("ns", "a"), ("ns", "a")]

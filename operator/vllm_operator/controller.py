@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,7 +31,11 @@ log = logging.getLogger("vllm_operator.controller")
 
 Key = tuple[str, str]  # (namespace, name)
 RETRY_SECONDS = 5
+# How long a change of a child or of a status waits for the changes that usually follow it.
+SETTLE_SECONDS = 1.0
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+# Longer strings (messages, chat templates) rarely repeat across objects.
+SHARED_STRING_LENGTH = 64
 CHILD_KINDS = ("PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget")
 
 
@@ -56,6 +61,7 @@ class WorkQueue:
         self._waiting: set[Key] = set()
         self._running: set[Key] = set()
         self._again: set[Key] = set()
+        self._delayed: set[Key] = set()
 
     def add(self, key: Key) -> None:
         if key in self._running:
@@ -75,6 +81,16 @@ class WorkQueue:
         if key in self._again:
             self._again.discard(key)
             self.add(key)
+
+    def add_after(self, key: Key, delay: float) -> None:
+        """Add ``key`` in ``delay`` seconds; calls meanwhile are folded into that one."""
+        if key not in self._delayed:
+            self._delayed.add(key)
+            asyncio.get_running_loop().call_later(delay, self._due, key)
+
+    def _due(self, key: Key) -> None:
+        self._delayed.discard(key)
+        self.add(key)
 
     def __len__(self) -> int:
         return len(self._waiting) + len(self._running)
@@ -116,8 +132,12 @@ class Controller:
                 store.pop(key, None)
             observability.set_phase(key, None)
             return
+        previous = self.resources.get(key)
         self.resources[key] = slim(body)
-        self.queue.add(key)
+        if previous is None or previous["metadata"].get("generation") != meta.get("generation"):
+            self.queue.add(key)  # a new or edited spec: the user waits for this one
+        else:
+            self.queue.add_after(key, SETTLE_SECONDS)  # status or metadata only, most often our own write
 
     def observe_child(self, kind: str, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body["metadata"]
@@ -133,7 +153,8 @@ class Controller:
             # Status and metadata are all a Pod's reconcile and scrape read.
             store.setdefault(key, {})[slot] = slim(body, keep_spec=kind != "Pod")
         if key in self.resources:
-            self.queue.add(key)
+            # A Pod going Running fires several events in a row; one reconcile sees them all.
+            self.queue.add_after(key, SETTLE_SECONDS)
 
     # -- leadership ---------------------------------------------------------------------------
 
@@ -162,11 +183,11 @@ class Controller:
             except KubeError as exc:  # the apiserver's own words say enough; retry later
                 result = "error"
                 log.warning(f"reconcile failed: {exc}", extra={"namespace": key[0], "llmdeployment": key[1]})
-                asyncio.get_running_loop().call_later(RETRY_SECONDS, self.queue.add, key)
+                self.queue.add_after(key, RETRY_SECONDS)
             except Exception:  # a bug must not stop the other LLMDeployments
                 result = "error"
                 log.exception("reconcile failed", extra={"namespace": key[0], "llmdeployment": key[1]})
-                asyncio.get_running_loop().call_later(RETRY_SECONDS, self.queue.add, key)
+                self.queue.add_after(key, RETRY_SECONDS)
             finally:
                 self.queue.done(key)
                 observability.record_reconcile(result, time.monotonic() - started)
@@ -297,7 +318,9 @@ class Controller:
 def slim(body: Mapping[str, Any], keep_spec: bool = True) -> dict[str, Any]:
     """What the stores keep of a watched object: all but managedFields and kubectl's last-applied copy.
 
-    Those two, and a Pod's spec, are most of an object's size and nothing here reads them.
+    Those two, and a Pod's spec, are most of an object's size and nothing here reads them. What is
+    kept shares its short strings with every other stored object: a thousand Deployments repeat
+    the same keys, image and flags, and sharing them halves the stores.
     """
     meta = {k: v for k, v in body["metadata"].items() if k != "managedFields"}
     annotations = meta.get("annotations")
@@ -305,7 +328,17 @@ def slim(body: Mapping[str, Any], keep_spec: bool = True) -> dict[str, Any]:
         meta["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
     kept = {k: v for k, v in body.items() if keep_spec or k != "spec"}
     kept["metadata"] = meta
-    return kept
+    return _shared(kept)
+
+
+def _shared(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {sys.intern(k): _shared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shared(v) for v in value]
+    if isinstance(value, str) and len(value) <= SHARED_STRING_LENGTH:
+        return sys.intern(value)
+    return value
 
 
 def _load(stats: EngineStats | None) -> dict[str, Any] | None:
