@@ -39,8 +39,10 @@ still for two scrape intervals.
 read before and after {span} of idle engines; the difference on the resources the operator writes
 (llmdeployments and their status, deployments, services, persistentvolumeclaims, poddisruptionbudgets)
 is scaled to a minute. Nothing else writes those while the fleet is idle, and the benchmark sends nothing
-but the reads at both ends of the window. Reads (GET, LIST) are shown too; watches are not, as the
-apiserver counts one when it ends and every informer in the cluster re-opens its own. Events are
+but the reads at both ends of the window. Reads (GET, LIST) are shown too, but they are every client's:
+the controller manager's volume binder reads each claim on its resync, while the operator reads only
+through its watches. Watches are not counted, as the apiserver counts one when it ends and every
+informer in the cluster re-opens its own. Events are
 counted apart, as the Events with source `vllm-operator` that appeared in the window, because the scheduler
 and the controller manager write Events of their own. The operator's own count of its writes
 (`vllm_operator_api_writes_total`) is shown beside it.
@@ -156,7 +158,7 @@ def _idle_row(idle: Window, count: int, out: Out) -> Row:
         f"Events by the operator {idle.per_minute(idle.operator_events):.1f}/min; "
         f"operator CPU {idle.per_minute(idle.operator_cpu):.1f} s/min")
     return Row(f"idle cost: API requests/min, {count:,} idle LLMDeployments",
-               f"{idle.per_minute(writes):.1f} writes/min, {idle.per_minute(reads):.1f} reads/min "
+               f"{idle.per_minute(writes):.1f} writes/min, {idle.per_minute(reads):.1f} reads/min by all clients "
                f"(the operator counted {idle.per_minute(idle.operator_writes):.1f} writes/min)",
                "0 writes", writes == 0 and idle.operator_writes == 0)
 
