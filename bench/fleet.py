@@ -39,9 +39,9 @@ still for two scrape intervals.
 read before and after {span} of idle engines; the difference on the resources the operator writes
 (llmdeployments and their status, deployments, services, persistentvolumeclaims, poddisruptionbudgets)
 is scaled to a minute. Nothing else writes those while the fleet is idle, and the benchmark sends nothing
-but the reads at both ends of the window. Reads (GET, LIST) are shown too, but they are every client's:
-the controller manager's volume binder reads each claim on its resync, while the operator reads only
-through its watches. Watches are not counted, as the apiserver counts one when it ends and every
+but the reads at both ends of the window. Reads (GET, LIST) are shown too, but they are every client's
+(the controller manager's volume controllers resync the claims), while the operator reads only through
+its watches. Watches are not counted, as the apiserver counts one when it ends and every
 informer in the cluster re-opens its own. Events are
 counted apart, as the Events with source `vllm-operator` that appeared in the window, because the scheduler
 and the controller manager write Events of their own. The operator's own count of its writes
