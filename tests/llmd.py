@@ -50,6 +50,12 @@ def patch_spec(api_client: client.ApiClient, namespace: str, name: str, spec: Ob
     return patched
 
 
+def patch_metadata(api_client: client.ApiClient, namespace: str, name: str, metadata: Obj) -> Obj:
+    patched: Obj = custom(api_client).patch_namespaced_custom_object(
+        api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"metadata": metadata})
+    return patched
+
+
 def delete(api_client: client.ApiClient, namespace: str, name: str) -> None:
     custom(api_client).delete_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name)
 

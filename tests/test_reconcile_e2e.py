@@ -5,6 +5,7 @@ simulated, so these tests see scheduling and status exactly, without accelerator
 from __future__ import annotations
 
 import subprocess
+import time
 
 import pytest
 from kubernetes import client
@@ -25,6 +26,9 @@ EXAMPLE_NODES = {
     "llama3-70b-gaudi-tp8": {"gaudi-0"},
     "cpu-qwen": {"cpu-0"},
 }
+
+
+HOLD = "test.vllm-operator.io/hold"
 
 
 def core(cluster: Cluster) -> client.CoreV1Api:
@@ -172,3 +176,26 @@ def test_spec_the_apiserver_accepts_but_vllm_would_not_is_reported(
 
     llmd.patch_spec(cluster.api_client, namespace, "qwen-cpu", {"engine": {"extraArgs": ["--enable-auto-tool-choice"]}})
     llmd.wait_phase(cluster.api_client, namespace, "qwen-cpu", "Ready", 90)
+
+
+def test_a_namespace_being_deleted_is_left_to_go(operator: OperatorProcess, cluster: Cluster, namespace: str) -> None:
+    manifest = small(llmd.example("cpu-qwen"))
+    # Holds the LLMDeployment while the namespace controller deletes its children, as a slow
+    # namespace deletion does with many of them.
+    manifest["metadata"]["finalizers"] = [HOLD]
+    llmd.create(cluster.api_client, namespace, manifest)
+    llmd.wait_phase(cluster.api_client, namespace, "qwen-cpu", "Ready", 90)
+    core(cluster).delete_namespace(namespace)
+    wait_for("the namespace controller to delete the Deployment",
+             lambda: not apps(cluster).list_namespaced_deployment(namespace).items, 60)
+    messages: set[str] = set()
+    deadline = time.monotonic() + 5  # several settle periods: time enough to try to bring the children back
+    while time.monotonic() < deadline:
+        status = (llmd.get(cluster.api_client, namespace, "qwen-cpu") or {}).get("status") or {}
+        messages.update(c.get("message", "") for c in status.get("conditions") or [])
+        time.sleep(0.2)
+    llmd.patch_metadata(cluster.api_client, namespace, "qwen-cpu", {"finalizers": None})
+    # Recreating a child fails in a terminating namespace; reporting that would be noise about a
+    # deletion the user asked for.
+    assert not [m for m in messages if "terminated" in m or "failed" in m], messages
+    assert not apps(cluster).list_namespaced_deployment(namespace).items

@@ -257,6 +257,9 @@ class Controller:
         try:
             applied = await self.kube.apply(manifest)
         except KubeError as exc:
+            if "NamespaceTerminating" in exc.causes:
+                # The namespace controller is deleting the children; bringing them back would only fight it.
+                return ChildOutcome(child)
             return ChildOutcome(child, error=f"applying {child} failed: {exc}")
         observability.record_write("apply", kind)
         self.children.setdefault(key, {})[kind] = slim(applied)

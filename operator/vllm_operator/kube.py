@@ -37,10 +37,11 @@ RESOURCES: Mapping[str, tuple[str, str]] = {
 class KubeError(Exception):
     """An API call the apiserver refused; ``str()`` is its own explanation."""
 
-    def __init__(self, status: int, message: str, reason: str = "") -> None:
+    def __init__(self, status: int, message: str, reason: str = "", causes: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
+        self.causes = causes  # details.causes[].reason, such as NamespaceTerminating
 
 
 @dataclass(frozen=True)
@@ -112,10 +113,18 @@ class Kube:
         try:
             async with self._client().request(method, path, data=data, params=params, headers=headers) as response:
                 text = await response.text()
-                payload = json.loads(text) if text else {}
+                try:
+                    payload = json.loads(text) if text else {}
+                except ValueError:  # a proxy's error page, say
+                    payload = None
                 if response.status >= 400:
-                    message = payload.get("message") if isinstance(payload, dict) else None
-                    raise KubeError(response.status, message or text or response.reason or "", payload.get("reason", ""))
+                    if not isinstance(payload, dict):
+                        payload = {}
+                    causes = tuple(c.get("reason", "") for c in (payload.get("details") or {}).get("causes") or [])
+                    message = payload.get("message") or text or response.reason or ""
+                    raise KubeError(response.status, message, payload.get("reason", ""), causes)
+                if not isinstance(payload, dict):
+                    raise KubeError(response.status, f"{method} {path}: the answer is not a JSON object: {text[:200]}")
                 return payload
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise KubeError(0, f"{method} {path}: {exc or type(exc).__name__}") from exc
