@@ -1,20 +1,24 @@
-"""Leader election: the decisions as pure functions, then electors racing over an in-memory
-apiserver that checks resourceVersions as the real one does."""
+"""Leader election: the decisions as pure functions, then electors racing over the local cluster's
+real apiserver, which settles their races with resourceVersions."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 import kubernetes
 import pytest
-from aiohttp import web
 
-from vllm_operator.kube import Credentials, Kube
+from devcluster.pytest_plugin import Cluster
+from vllm_operator.kube import Credentials, Kube, object_path
 from vllm_operator.leader import (
     Action, LeaderElector, Observed, decide, held_spec, microtime, observe, released_spec,
 )
@@ -78,72 +82,143 @@ def test_renew_deadline_must_fall_within_the_lease() -> None:
         LeaderElector(kube, "ops", "lease", "a", lease_duration=10, renew_deadline=10)
 
 
-# -- electors over an in-memory apiserver ------------------------------------------------------
+# -- electors over the real apiserver -------------------------------------------------------------
+
+LEASE = "lease"
+Lease = dict[str, Any]
 
 
-class FakeApiserver:
-    """Leases in one namespace: 404 for a missing one, 409 for a stale resourceVersion, 503 when down."""
-
-    def __init__(self) -> None:
-        self.leases: dict[str, dict[str, Any]] = {}
-        self.version = 0
-        self.down = False
-        self.writes: list[tuple[float, str]] = []  # (time, holder) of every accepted write
-
-    def _store(self, body: dict[str, Any]) -> web.Response:
-        self.version += 1
-        body["metadata"]["resourceVersion"] = str(self.version)
-        self.leases[body["metadata"]["name"]] = body
-        self.writes.append((time.monotonic(), body["spec"]["holderIdentity"]))
-        return web.json_response(body)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        if self.down:
-            return web.json_response({"message": "unavailable"}, status=503)
-        name = request.match_info.get("name")
-        if request.method == "POST":
-            body = await request.json()
-            if body["metadata"]["name"] in self.leases:
-                return web.json_response({"message": "exists", "reason": "AlreadyExists"}, status=409)
-            return self._store(body)
-        if name not in self.leases:
-            return web.json_response({"message": "not found", "reason": "NotFound"}, status=404)
-        if request.method == "PUT":
-            body = await request.json()
-            if body["metadata"].get("resourceVersion") != self.leases[name]["metadata"]["resourceVersion"]:
-                return web.json_response({"message": "modified", "reason": "Conflict"}, status=409)
-            return self._store(body)
-        return web.json_response(self.leases[name])
-
-    def holder(self) -> str | None:
-        lease = self.leases.get("lease")
-        return None if lease is None else lease["spec"]["holderIdentity"]
+@pytest.fixture
+def credentials(cluster: Cluster) -> Credentials:
+    return Credentials.load(str(cluster.kubeconfig))
 
 
 @asynccontextmanager
-async def apiserver() -> AsyncIterator[tuple[FakeApiserver, Kube]]:
-    fake = FakeApiserver()
-    app = web.Application()
-    leases = "/apis/coordination.k8s.io/v1/namespaces/ops/leases"
-    app.router.add_route("*", leases, fake.handle)
-    app.router.add_route("*", leases + "/{name}", fake.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    kube = Kube(Credentials(f"http://127.0.0.1:{runner.addresses[0][1]}", False, kubernetes.client.Configuration()))
+async def connected(credentials: Credentials) -> AsyncIterator[Kube]:
+    """A Kube closed on the event loop it ran on."""
+    kube = Kube(credentials)
     try:
-        yield fake, kube
+        yield kube
     finally:
         await kube.close()
-        await runner.cleanup()
+
+
+async def lease(kube: Kube, namespace: str) -> Lease:
+    return await kube.get("Lease", namespace, LEASE)
+
+
+def renewed(version: Lease) -> float:
+    """The renewTime the writer stamped (wall clock) just before sending, so no later than the write landed."""
+    stamp = datetime.strptime(version["spec"]["renewTime"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    return stamp.replace(tzinfo=timezone.utc).timestamp()
+
+
+class Versions:
+    """Every version of the Lease in the order the apiserver accepted it, as a watch delivers them."""
+
+    def __init__(self) -> None:
+        self.seen: list[Lease] = []
+
+    async def follow(self, stream: aiohttp.StreamReader) -> None:
+        async for line in stream:
+            self.seen.append(json.loads(line)["object"])
+
+    async def through(self, last: Lease) -> list[Lease]:
+        """The versions up to ``last``, once the watch has delivered it."""
+        version = last["metadata"]["resourceVersion"]
+
+        def versions() -> list[str]:
+            return [seen["metadata"]["resourceVersion"] for seen in self.seen]
+
+        await until(f"the watch to deliver version {version}", lambda: version in versions(), 2)
+        return self.seen[:versions().index(version) + 1]
+
+
+@asynccontextmanager
+async def watched(credentials: Credentials, namespace: str) -> AsyncIterator[Versions]:
+    """Versions of the Lease from now on: the watch starts at a List's resourceVersion, so none is missed."""
+    versions = Versions()
+    path = object_path("Lease", namespace)
+    async with aiohttp.ClientSession(
+        credentials.host, connector=aiohttp.TCPConnector(ssl=credentials.ssl_context), headers=credentials.headers(),
+        timeout=aiohttp.ClientTimeout(),
+    ) as session:
+        async with session.get(path, raise_for_status=True) as listed:
+            start = (await listed.json())["metadata"]["resourceVersion"]
+        params = {"watch": "1", "resourceVersion": start, "fieldSelector": f"metadata.name={LEASE}"}
+        async with session.get(path, params=params, raise_for_status=True) as stream:
+            following = asyncio.create_task(versions.follow(stream.content))
+            try:
+                yield versions
+            finally:
+                following.cancel()
+                await asyncio.gather(following, return_exceptions=True)
+
+
+class Relay:
+    """A loopback TCP relay to the apiserver (TLS passes through) that the test can cut and restore."""
+
+    def __init__(self, upstream: str) -> None:
+        target = urlsplit(upstream)
+        self.target = (target.hostname, target.port)
+        self.up = True
+        self.ends: set[asyncio.StreamWriter] = set()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+        ends = {writer, upstream_writer}
+        if not self.up:  # checked after connecting, so that no link outlives a cut made meanwhile
+            for end in ends:
+                end.close()
+            return
+        self.ends |= ends
+        try:
+            await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer))
+        finally:
+            self.ends -= ends
+
+    def cut(self) -> None:
+        """New connections are closed at once and open ones are dropped, requests in flight with them."""
+        self.up = False
+        for end in self.ends:
+            end.close()
+
+    def restore(self) -> None:
+        self.up = True
+
+
+@asynccontextmanager
+async def relayed(credentials: Credentials) -> AsyncIterator[tuple[Relay, Credentials]]:
+    """A relay to the apiserver, and credentials that reach it through the relay.
+
+    The relay listens on 127.0.0.1, which the apiserver's certificate names, so TLS verifies as before.
+    """
+    relay = Relay(credentials.host)
+    server = await asyncio.start_server(relay.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield relay, replace(credentials, host=f"https://127.0.0.1:{port}")
+    finally:
+        server.close()
+        relay.cut()
+        await server.wait_closed()
 
 
 class Replica:
-    """An elector whose term records when it ran."""
+    """An elector whose term records when it ended, on the wall clock that renewTimes are stamped with."""
 
-    def __init__(self, kube: Kube, identity: str) -> None:
-        self.elector = LeaderElector(kube, "ops", "lease", identity, **TIMING)
+    def __init__(self, kube: Kube, namespace: str, identity: str) -> None:
+        self.elector = LeaderElector(kube, namespace, LEASE, identity, **TIMING)
         self.working = False
         self.ended_at: float | None = None
         self.task: asyncio.Task[None] | None = None
@@ -153,7 +228,7 @@ class Replica:
         try:
             await asyncio.Event().wait()
         finally:
-            self.working, self.ended_at = False, time.monotonic()
+            self.working, self.ended_at = False, time.time()
 
     def start(self) -> Replica:
         self.task = asyncio.create_task(self.elector.run(self._term))
@@ -174,75 +249,92 @@ async def until(what: str, probe: Callable[[], bool], timeout: float) -> float:
     return time.monotonic() - started
 
 
-async def leader(kube: Kube) -> Replica:
+async def leader(kube: Kube, namespace: str) -> Replica:
     """Replica a, alone, once it leads."""
-    a = Replica(kube, "a").start()
+    a = Replica(kube, namespace, "a").start()
     await until("a to lead", lambda: a.working, 2)
     return a
 
 
-def test_one_replica_works_and_a_clean_stop_hands_over_at_once() -> None:
+@pytest.mark.cluster
+def test_one_replica_works_and_a_clean_stop_hands_over_at_once(credentials: Credentials, namespace: str) -> None:
     async def body() -> None:
-        async with apiserver() as (fake, kube):
-            a = await leader(kube)
-            b = Replica(kube, "b").start()
+        async with connected(credentials) as kube, watched(credentials, namespace) as versions:
+            a = await leader(kube, namespace)
+            b = Replica(kube, namespace, "b").start()
             await asyncio.sleep(3 * TIMING["retry_period"])
-            assert fake.holder() == "a" and not b.working
+            assert (await lease(kube, namespace))["spec"]["holderIdentity"] == "a" and not b.working
             await a.stop()
-            assert fake.holder() == "" and a.ended_at is not None
-            # The release came after the term had ended, so the two never overlap.
-            assert fake.writes[-1][0] >= a.ended_at
+            assert a.ended_at is not None
             took = await until("b to take over", lambda: b.working, 2)
-            assert took < TIMING["lease_duration"] and fake.holder() == "b"
-            assert fake.leases["lease"]["spec"]["leaseTransitions"] == 1
+            taken = await lease(kube, namespace)
+            assert took < TIMING["lease_duration"] and taken["spec"]["holderIdentity"] == "b"
+            assert taken["spec"]["leaseTransitions"] == 1
+            # a released the Lease as it stopped, b took it from there, and the release came after
+            # a's term had ended, so the two never overlap.
+            *_, released, acquired = await versions.through(taken)
+            assert [released["spec"]["holderIdentity"], acquired["spec"]["holderIdentity"]] == ["", "b"]
+            assert renewed(released) >= a.ended_at
             await b.stop()
 
     asyncio.run(body())
 
 
-def test_a_holder_that_died_is_replaced_after_the_lease_duration() -> None:
+@pytest.mark.cluster
+def test_a_holder_that_died_is_replaced_after_the_lease_duration(credentials: Credentials, namespace: str) -> None:
     async def body() -> None:
-        async with apiserver() as (fake, kube):
+        async with connected(credentials) as kube:
             # Held by a replica that is gone without releasing, with a renewTime from long ago.
-            fake.leases["lease"] = {"metadata": {"name": "lease", "resourceVersion": "1"},
-                                    "spec": {**HELD_BY_B, "leaseDurationSeconds": 1}}
-            a = Replica(kube, "a").start()
+            await kube.create({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                               "metadata": {"name": LEASE, "namespace": namespace},
+                               "spec": {**HELD_BY_B, "leaseDurationSeconds": 1}})
+            a = Replica(kube, namespace, "a").start()
             took = await until("a to take over", lambda: a.working, 3)
             assert took >= 1 - TIMING["retry_period"], took
-            assert fake.holder() == "a" and fake.leases["lease"]["spec"]["leaseTransitions"] == 4
+            taken = (await lease(kube, namespace))["spec"]
+            assert taken["holderIdentity"] == "a" and taken["leaseTransitions"] == 4
             await a.stop()
 
     asyncio.run(body())
 
 
-def test_a_leader_cut_off_from_the_apiserver_stops_before_its_lease_expires() -> None:
+@pytest.mark.cluster
+def test_a_leader_cut_off_from_the_apiserver_stops_before_its_lease_expires(
+    credentials: Credentials, namespace: str,
+) -> None:
     async def body() -> None:
-        async with apiserver() as (fake, kube):
-            a = await leader(kube)
-            fake.down = True
-            renewed = fake.writes[-1][0]
+        async with (connected(credentials) as kube, relayed(credentials) as (relay, through_relay),
+                    connected(through_relay) as cut_off):
+            a = await leader(cut_off, namespace)
+            relay.cut()
             await until("a to stop working", lambda: not a.working, 2)
-            assert a.ended_at is not None
-            assert a.ended_at - renewed < TIMING["lease_duration"]
-            fake.down = False
+            # Read once a has stopped: by then its last write, even one in flight at the cut, has landed.
+            held = await lease(kube, namespace)
+            assert a.ended_at is not None and held["spec"]["holderIdentity"] == "a"
+            assert a.ended_at - renewed(held) < TIMING["lease_duration"]
+            relay.restore()
             # Nobody took the Lease meanwhile: a still holds it and resumes.
             await until("a to lead again", lambda: a.working, 2)
-            assert fake.holder() == "a"
+            assert (await lease(kube, namespace))["spec"]["holderIdentity"] == "a"
             await a.stop()
 
     asyncio.run(body())
 
 
-def test_a_leader_whose_lease_was_taken_stops_at_once() -> None:
+@pytest.mark.cluster
+def test_a_leader_whose_lease_was_taken_stops_at_once(credentials: Credentials, namespace: str) -> None:
     async def body() -> None:
-        async with apiserver() as (fake, kube):
-            a = await leader(kube)
-            lease = fake.leases["lease"]
-            lease["spec"] = {**lease["spec"], "holderIdentity": "intruder"}
-            lease["metadata"]["resourceVersion"] = "taken"
+        async with connected(credentials) as kube:
+            a = await leader(kube, namespace)
+            take = asyncio.create_task(kube.request(
+                "PATCH", object_path("Lease", namespace, LEASE), {"spec": {"holderIdentity": "intruder"}},
+                content_type="application/merge-patch+json"))
+            # Timed from when the take is sent, since it lands some time before it is answered.
             await until("a to stop working", lambda: not a.working, 3 * TIMING["retry_period"] + 0.5)
-            assert fake.holder() == "intruder"
+            await take
+            assert (await lease(kube, namespace))["spec"]["holderIdentity"] == "intruder"
             await a.stop()
-            assert fake.holder() == "intruder"  # nothing released that was not a's
+            # Nothing released that was not a's.
+            assert (await lease(kube, namespace))["spec"]["holderIdentity"] == "intruder"
 
     asyncio.run(body())

@@ -148,16 +148,17 @@ def _wanted_samples(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
     """
     text = "\n" + text
     for name in _WANTED:
-        needle = "\n" + name
+        needle, size = "\n" + name, len(name) + 1
         at = text.find(needle)
-        while at != -1:
-            end = text.find("\n", at + 1)
+        while at != -1 and text[at + size:at + size + 1] not in ("{", " "):
+            at = text.find(needle, at + size)  # a longer name that merely starts alike
+        # The format keeps a series' lines together: read on while the next line is one of them.
+        while at != -1 and text.startswith(needle, at) and text[at + size:at + size + 1] in ("{", " "):
+            end = text.find("\n", at + size)
             line = text[at + 1:] if end == -1 else text[at + 1:end]
-            after = line[len(name):len(name) + 1]
-            if after in ("{", " "):  # not a longer name that merely starts alike
-                labels, value = _labels_and_value(line, len(name), name in _LABELLED)
-                yield name, labels, value
-            at = -1 if end == -1 else text.find(needle, end)
+            labels, value = _labels_and_value(line, len(name), name in _LABELLED)
+            yield name, labels, value
+            at = end
 
 
 def _labels_and_value(line: str, start: int, read_labels: bool) -> tuple[dict[str, str], float]:
