@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from vllm_operator.controller import LAST_APPLIED, Key, WorkQueue, slim
+from vllm_operator.controller import LAST_APPLIED, Controller, Key, WorkQueue, slim
 
 
 def watched(kind: str) -> dict:
@@ -64,3 +64,35 @@ def test_delayed_adds_are_folded_into_one() -> None:
         return got
 
     assert asyncio.run(body()) == [("ns", "a"), ("ns", "a")]
+
+
+def test_a_sooner_delayed_add_wins_over_a_later_one() -> None:
+    async def body() -> float:
+        queue = WorkQueue()
+        started = asyncio.get_running_loop().time()
+        queue.add_after(("ns", "a"), 5)  # a retry
+        queue.add_after(("ns", "a"), 0.05)  # a child changed meanwhile
+        await asyncio.wait_for(queue.get(), 1)
+        return asyncio.get_running_loop().time() - started
+
+    assert asyncio.run(body()) < 1
+
+
+class SlowEvents:
+    """Stands in for Kube where only Event posting is reached; each post hangs until cancelled."""
+
+    async def post_event(self, *_: object) -> None:
+        await asyncio.Event().wait()
+
+
+def test_an_ended_term_posts_no_more_events() -> None:
+    async def body() -> bool:
+        controller = Controller(SlowEvents())  # type: ignore[arg-type]
+        controller._event({"metadata": {"name": "x", "namespace": "ns"}}, "Normal", "Created", "created x")
+        await asyncio.sleep(0)
+        (posting,) = controller._posting
+        controller.forget_term()
+        await asyncio.wait_for(asyncio.gather(posting, return_exceptions=True), 1)
+        return posting.cancelled()
+
+    assert asyncio.run(body())

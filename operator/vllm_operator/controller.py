@@ -61,7 +61,7 @@ class WorkQueue:
         self._waiting: set[Key] = set()
         self._running: set[Key] = set()
         self._again: set[Key] = set()
-        self._delayed: set[Key] = set()
+        self._due_at: dict[Key, float] = {}  # keys waiting to be added, by when
 
     def add(self, key: Key) -> None:
         if key in self._running:
@@ -83,14 +83,18 @@ class WorkQueue:
             self.add(key)
 
     def add_after(self, key: Key, delay: float) -> None:
-        """Add ``key`` in ``delay`` seconds; calls meanwhile are folded into that one."""
-        if key not in self._delayed:
-            self._delayed.add(key)
-            asyncio.get_running_loop().call_later(delay, self._due, key)
+        """Add ``key`` in ``delay`` seconds; calls meanwhile are folded into the earliest of them."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + delay
+        if key in self._due_at and self._due_at[key] <= due:
+            return
+        self._due_at[key] = due
+        loop.call_at(due, self._due, key, due)
 
-    def _due(self, key: Key) -> None:
-        self._delayed.discard(key)
-        self.add(key)
+    def _due(self, key: Key, due: float) -> None:
+        if self._due_at.get(key) == due:  # not superseded by an earlier one
+            del self._due_at[key]
+            self.add(key)
 
     def __len__(self) -> int:
         return len(self._waiting) + len(self._running)
@@ -168,6 +172,9 @@ class Controller:
         self._statuses.clear()
         self.engines.clear()
         self.apply_errors.clear()
+        # An ended term writes nothing more, Events included: a standby may be leading already.
+        for task in self._posting:
+            task.cancel()
 
     # -- reconcile ----------------------------------------------------------------------------
 
