@@ -17,7 +17,7 @@ from devcluster.cluster import ClusterError, LocalCluster
 
 MEASUREMENTS = {
     "apply": "apply -> children latency of single applies",
-    "burst": "every burst size (the last one also builds the fleet)",
+    "burst": "every burst size (the last one also builds the fleet), and the control plane's own floor",
     "fleet": "idle cost, steady traffic, scrape sweep and memory on the fleet (runs the fleet's burst)",
     "engine-start": "real vLLM start-up with a cold and a warm compile cache",
 }
@@ -48,6 +48,9 @@ async def _bursts(setting: Rig, size: sizes.Size, selected: set[str]) -> list[Ro
                 rows += await _guarded(f"burst of {count:,}", burst.measure(setting, seen, namespace, count))
                 if count == size.fleet and "fleet" in selected:
                     rows += await _guarded("fleet", fleet.measure(setting, seen, namespace, size))
+    if "burst" in selected:
+        async with setting.namespace(burst.floor_namespace_for(size.fleet)) as namespace:
+            rows += await _guarded("control-plane floor", burst.measure_floor(setting, namespace, size.fleet))
     return rows
 
 

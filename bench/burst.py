@@ -3,28 +3,46 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
+from bench.kube import Obj
 from bench.report import Row
 from bench.rig import Rig, cpu_seconds, llmdeployment
 from bench.sizes import Size
 from bench.tracker import Tracker
+from vllm_operator.api import LLMDeploymentSpec
+from vllm_operator.kube import object_path
+from vllm_operator.manifests import SELECTOR_LABEL, Owner, children
 
 TARGET_SECONDS = 20.0
 TARGET_SIZE = 1000
+CONNECTIONS = 64
+# The floor's children carry this label instead of the operator's, so the operator never sees them.
+FLOOR_LABEL = "vllm-operator.io/bench-floor"
 
 
 def namespace_for(count: int) -> str:
     return f"bench-burst-{count}"
 
 
+def floor_namespace_for(count: int) -> str:
+    return f"bench-floor-{count}"
+
+
 def method(size: Size) -> str:
     counts = " and ".join(f"{n:,}" for n in size.bursts)
-    return (f"**burst**: {counts} LLMDeployments applied at once (concurrent server-side applies, 64 connections), "
-            "each in a fresh namespace. Timed from the first apply until the last LLMDeployment has every child "
-            "and `status.observedGeneration` equal to its `metadata.generation`, both seen on watches. Operator CPU "
-            "is user + system time of its process (`/proc/<pid>/stat`) over the same span. "
-            f"The target is for {TARGET_SIZE:,}.")
+    return (f"**burst**: {counts} LLMDeployments applied at once (concurrent server-side applies, "
+            f"{CONNECTIONS} connections), each in a fresh namespace. Timed from the first apply until the last "
+            "LLMDeployment has every child and `status.observedGeneration` equal to its `metadata.generation`, "
+            "both seen on watches. Operator CPU is user + system time of its process (`/proc/<pid>/stat`) over "
+            f"the same span. The target is for {TARGET_SIZE:,}.\n\n"
+            f"**control-plane floor**: the children of {size.fleet:,} LLMDeployments, exactly as the operator "
+            f"renders them, applied at once by the benchmark itself over {CONNECTIONS} connections, with no "
+            "operator and no LLMDeployments; timed until the last apply returns. This is how fast the cluster "
+            "takes those objects from any client, so no operator can finish a burst sooner. Every ClusterIP "
+            "Service is a step in one queue: kube-apiserver allocates cluster IPs one at a time, each holding a "
+            "lock across the write of an IPAddress object.")
 
 
 async def measure(rig: Rig, tracker: Tracker, namespace: str, count: int) -> Row:
@@ -42,3 +60,31 @@ async def measure(rig: Rig, tracker: Tracker, namespace: str, count: int) -> Row
                f"{took:.1f} s; CPU {cpu:.1f} s",
                f"<= {TARGET_SECONDS:g} s for {TARGET_SIZE:,}",
                took <= TARGET_SECONDS if count == TARGET_SIZE else None)
+
+
+def floor_children(namespace: str, count: int) -> list[Obj]:
+    """What the operator would apply for ``count`` LLMDeployments, without owners and out of its sight."""
+    found = []
+    for i in range(count):
+        manifest = llmdeployment(f"llmd-{i:04d}", namespace)
+        spec = LLMDeploymentSpec.model_validate(manifest["spec"])
+        for child in children(spec, Owner(manifest["metadata"]["name"], namespace, "")).values():
+            if child is not None:
+                child["metadata"].pop("ownerReferences", None)
+                found.append(json.loads(json.dumps(child).replace(json.dumps(SELECTOR_LABEL), json.dumps(FLOOR_LABEL))))
+    return found
+
+
+async def measure_floor(rig: Rig, namespace: str, count: int) -> Row:
+    objects = floor_children(namespace, count)
+    slots = asyncio.Semaphore(CONNECTIONS)
+
+    async def apply(child: Obj) -> None:
+        async with slots:
+            await rig.kube.apply_at(object_path(child["kind"], namespace, child["metadata"]["name"]), child)
+
+    started = time.monotonic()
+    await asyncio.gather(*(apply(child) for child in objects))
+    took = time.monotonic() - started
+    rig.out(f"  control-plane floor for {count}: {len(objects)} children applied in {took:.1f}s")
+    return Row(f"control-plane floor: children of {count:,} applied directly, no operator", f"{took:.1f} s")

@@ -70,6 +70,9 @@ async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.scanning.disabled = True
     settings.watching.reconnect_backoff = 1.0
     settings.persistence.diffbase_storage = NoDiffBase()
+    # kopf keeps a task per recently changed object; the controller settles bursts itself, so a
+    # worker need not wait long for more events, and a thousand Pods starting hold fewer at once.
+    settings.queueing.idle_timeout = 1.0
     if OPTIONS.metrics_port:
         start_http_server(OPTIONS.metrics_port)
     kube = Kube(Credentials.load(OPTIONS.kubeconfig))

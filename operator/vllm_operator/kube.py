@@ -84,8 +84,13 @@ def object_path(kind: str, namespace: str, name: str | None = None, subresource:
     return path
 
 
+# Each TLS connection holds about 300 KiB (asyncio's read buffer and OpenSSL's), and the apiserver, not
+# the pool, limits how fast writes go: a few dozen connections would cost more memory than all the stores.
+DEFAULT_CONNECTIONS = 16
+
+
 class Kube:
-    def __init__(self, credentials: Credentials, max_connections: int = 64) -> None:
+    def __init__(self, credentials: Credentials, max_connections: int = DEFAULT_CONNECTIONS) -> None:
         self._credentials = credentials
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
