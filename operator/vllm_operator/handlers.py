@@ -75,14 +75,21 @@ async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.queueing.idle_timeout = 1.0
     if OPTIONS.metrics_port:
         start_http_server(OPTIONS.metrics_port)
-    kube = Kube(Credentials.load(OPTIONS.kubeconfig))
+    credentials = Credentials.load(OPTIONS.kubeconfig)
+    kube = Kube(credentials)
     controller = Controller(kube)
+    clients = [kube]
     if OPTIONS.leader_election_namespace:
-        elector = LeaderElector(kube, OPTIONS.leader_election_namespace, OPTIONS.leader_election_id, OPTIONS.identity)
+        # A connection of its own: a renewal queued behind a burst of reconcile writes could miss
+        # the renew deadline and hand the Lease over for nothing.
+        lease_kube = Kube(credentials, max_connections=1)
+        clients.append(lease_kube)
+        elector = LeaderElector(lease_kube, OPTIONS.leader_election_namespace, OPTIONS.leader_election_id,
+                                OPTIONS.identity)
         task = asyncio.create_task(elector.run(lambda: _work(controller)), name="leader-election")
     else:
         task = asyncio.create_task(_work(controller), name="work")
-    _state.update(kube=kube, controller=controller, task=task)
+    _state.update(clients=clients, controller=controller, task=task)
 
 
 async def _work(controller: Controller) -> None:
@@ -105,8 +112,8 @@ async def stop(**_: Any) -> None:
         # With leader election this also stops the term before releasing the Lease.
         _state["task"].cancel()
         await asyncio.gather(_state["task"], return_exceptions=True)
-    if "kube" in _state:
-        await _state["kube"].close()
+    for client in _state.get("clients", []):
+        await client.close()
 
 
 # Handlers are coroutines on purpose: kopf runs plain functions in threads, and the controller's
