@@ -10,6 +10,7 @@ import pytest
 
 from vllm_operator.api import LLMDeploymentSpec
 from vllm_operator.engine_args import engine_args, engine_env
+from vllm_operator.scraper import KEEPALIVE_SECONDS
 from vllm_operator.vllm_flags import REMOVED_FLAGS, catalog, extra_args_errors
 
 
@@ -155,3 +156,8 @@ def test_extra_args_refused_with_a_reason(args: list[str], expected: str) -> Non
 
 def test_extra_args_values_are_not_flags() -> None:
     assert extra_args_errors(["--seed", "-1", "--tool-call-parser", "hermes", "--max-logprobs=5"]) == []
+
+
+def test_engines_keep_idle_connections_longer_than_the_scraper_does() -> None:
+    env = {e["name"]: e.get("value") for e in engine_env(spec(accelerator={"type": "cpu"}))}
+    assert int(env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]) > KEEPALIVE_SECONDS

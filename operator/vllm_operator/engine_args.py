@@ -19,8 +19,14 @@ CACHE_MOUNT = "/cache"
 MODEL_MOUNT = "/models"
 CHAT_TEMPLATE_MOUNT = "/etc/vllm/chat-template"
 HF_HOME = f"{CACHE_MOUNT}/huggingface"
-# The torch.compile cache lives on the cache volume so restarts skip most compilation.
+# The torch.compile caches live on the cache volume so restarts skip most compilation: vLLM's own,
+# and inductor's, which would otherwise be in the container's /tmp and gone after a restart.
 VLLM_CACHE_ROOT = f"{CACHE_MOUNT}/vllm"
+TORCHINDUCTOR_CACHE_DIR = f"{VLLM_CACHE_ROOT}/torchinductor"
+# vLLM closes an idle connection after 5 s by default. Proxies and load balancers keep idle upstream
+# connections for up to 60 s and would race that close (a 502 now and then), and the operator's
+# scraper could not reuse a connection from one scrape to the next.
+ENGINE_KEEP_ALIVE_SECONDS = 75
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,8 @@ def engine_env(spec: LLMDeploymentSpec) -> list[dict]:
 
     put("HF_HOME", HF_HOME)
     put("VLLM_CACHE_ROOT", VLLM_CACHE_ROOT)
+    put("TORCHINDUCTOR_CACHE_DIR", TORCHINDUCTOR_CACHE_DIR)
+    put("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(ENGINE_KEEP_ALIVE_SECONDS))
     put("VLLM_NO_USAGE_STATS", "1")
     put("DO_NOT_TRACK", "1")
     if parse_model_source(spec.model.name)[0] != "hf":

@@ -73,6 +73,10 @@ PROFILES: Mapping[str, AcceleratorProfile] = MappingProxyType({
         type="cpu",
         image=f"public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:v{VLLM_VERSION}",
         resource_name=None,
+        # The CPU build cannot load the compile artifacts it saves in its default (AOT) format
+        # ("'function' object has no attribute 'finalize_loading'") and compiles again on every
+        # start; without AOT, inductor's cache on the volume serves a restart.
+        env=MappingProxyType({"VLLM_USE_AOT_COMPILE": "0"}),
         scarce=False,
     ),
 })
