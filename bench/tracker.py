@@ -19,7 +19,7 @@ def expected_children(manifest: Mapping[str, Any]) -> frozenset[str]:
     """The child kinds the operator creates for this LLMDeployment (a PDB only with several replicas)."""
     meta = manifest["metadata"]
     built = children(LLMDeploymentSpec.model_validate(manifest["spec"]), Owner(meta["name"], meta["namespace"], ""))
-    return frozenset(kind for kind, child in built.items() if child is not None)
+    return frozenset(kind for (kind, _name), child in built.items() if child is not None)
 
 
 class Tracker:

@@ -44,9 +44,12 @@ Obj = dict[str, Any]
 RULES: list[Obj] = [
     {"apiGroups": ["llm.vllm-operator.io"], "resources": ["llmdeployments"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["llm.vllm-operator.io"], "resources": ["llmdeployments/status"], "verbs": ["patch"]},
+    {"apiGroups": ["llm.vllm-operator.io"], "resources": ["llmdeployments/finalizers"], "verbs": ["update"]},
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create", "patch"]},
-    {"apiGroups": [""], "resources": ["services", "persistentvolumeclaims"],
-     "verbs": ["get", "list", "watch", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"],
+     "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
+    {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"],
      "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
@@ -89,7 +92,18 @@ def values_file(tmp_path: Path, name: str, values: Obj) -> Path:
 
 
 def of_kind(objects: list[Obj], kind: str) -> list[Obj]:
-    return [o for o in objects if o["kind"] == kind]
+    """Objects of ``kind``; ClusterRoles for users (aggregated into edit and view) are apart: see user_roles."""
+    return [o for o in objects if o["kind"] == kind and not user_role(o)]
+
+
+def user_role(obj: Obj) -> bool:
+    labels = obj["metadata"].get("labels") or {}
+    return obj["kind"] == "ClusterRole" and any(k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in labels)
+
+
+def user_roles(objects: list[Obj]) -> dict[str, Obj]:
+    return {label.rsplit("-", 1)[-1]: o for o in objects if user_role(o)
+            for label in o["metadata"]["labels"] if label.startswith("rbac.authorization.k8s.io/aggregate-to-")}
 
 
 def one(objects: list[Obj], kind: str) -> Obj:
@@ -169,6 +183,16 @@ def test_cluster_wide_rbac_is_exactly_the_table(helm_path: Path) -> None:
     account = one(objects, "ServiceAccount")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "ops"}]
     assert not of_kind(objects, "Role") and not of_kind(objects, "RoleBinding")
+
+
+def test_users_with_edit_manage_llmdeployments_and_viewers_read_them(helm_path: Path, tmp_path: Path) -> None:
+    roles = user_roles(render(helm_path))
+    assert set(roles) == {"admin", "edit", "view"}
+    edit = {verb for rule in roles["edit"]["rules"] if "llmdeployments" in rule["resources"] for verb in rule["verbs"]}
+    assert {"create", "patch", "delete"} <= edit
+    assert {v for rule in roles["view"]["rules"] for v in rule["verbs"]} == {"get", "list", "watch"}
+    off = render(helm_path, values_file(tmp_path, "v.yaml", {"rbac": {"aggregateToDefaultRoles": False}}))
+    assert not user_roles(off)
 
 
 def test_watched_namespaces_get_roles_and_nothing_cluster_wide(helm_path: Path, tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from vllm_operator.controller import LAST_APPLIED, Controller, Key, WorkQueue, slim
+from vllm_operator.controller import LAST_APPLIED, Controller, Key, WorkQueue, conflict_message, retry_delay, slim
+from vllm_operator.manifests import Owner
 
 
 def watched(kind: str) -> dict:
@@ -96,3 +97,24 @@ def test_an_ended_term_posts_no_more_events() -> None:
         return posting.cancelled()
 
     assert asyncio.run(body())
+
+
+def test_retries_back_off_from_5_seconds_to_5_minutes_with_jitter() -> None:
+    import random
+
+    rng = random.Random(7)
+    delays = [retry_delay(n, rng) for n in range(1, 12)]
+    assert 4 <= delays[0] <= 6 and 8 <= delays[1] <= 12
+    assert all(d <= 300 for d in delays) and delays[-1] >= 240
+    assert len({round(retry_delay(3, rng), 3) for _ in range(20)}) > 1, "no jitter"
+
+
+def test_conflict_messages_say_whose_object_it_is_and_what_to_do() -> None:
+    owner = Owner("llama", "ai", "uid-new")
+    theirs = {"metadata": {"name": "llama"}}
+    assert "was not created by this LLMDeployment" in conflict_message("Service", "llama", theirs, owner)
+    claim = conflict_message("PersistentVolumeClaim", "llama-cache", theirs, owner)
+    assert "cache.existingClaim: llama-cache" in claim
+    earlier = {"metadata": {"ownerReferences": [{"kind": "LLMDeployment", "name": "llama", "uid": "uid-old",
+                                                 "controller": True}]}}
+    assert "earlier LLMDeployment" in conflict_message("Deployment", "llama", earlier, owner)

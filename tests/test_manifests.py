@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from vllm_operator.api import LLMDeploymentSpec
-from vllm_operator.manifests import Owner, children, deployment, endpoint
+from vllm_operator.manifests import STARTUP_PROBE_BUDGET_SECONDS, Owner, children, deployment, endpoint
 
 OWNER = Owner("llama", "ai", "uid-1")
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
@@ -19,6 +19,11 @@ def spec(**overrides: Any) -> LLMDeploymentSpec:
     body: dict[str, Any] = {"model": {"name": "org/model"}, "accelerator": {"type": "nvidia", "count": 2}}
     body.update(overrides)
     return LLMDeploymentSpec.model_validate(body)
+
+
+def child(one: LLMDeploymentSpec, kind: str) -> dict[str, Any] | None:
+    (manifest,) = [m for (k, _name), m in children(one, OWNER).items() if k == kind]
+    return manifest
 
 
 def pod_spec(one: LLMDeploymentSpec) -> dict[str, Any]:
@@ -81,15 +86,15 @@ def test_shm_cache_and_env() -> None:
 
 
 def test_retained_claim_has_no_owner_reference() -> None:
-    kept = children(spec(), OWNER)["PersistentVolumeClaim"]
+    kept = child(spec(), "PersistentVolumeClaim")
     assert kept is not None and "ownerReferences" not in kept["metadata"]
-    dropped = children(spec(cache={"retainOnDelete": False}), OWNER)["PersistentVolumeClaim"]
+    dropped = child(spec(cache={"retainOnDelete": False}), "PersistentVolumeClaim")
     assert dropped is not None and dropped["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
 
 
 def test_existing_claim_is_mounted_not_created() -> None:
     one = spec(cache={"existingClaim": "shared-weights"})
-    assert children(one, OWNER)["PersistentVolumeClaim"] is None
+    assert child(one, "PersistentVolumeClaim") is None
     volumes = {v["name"]: v for v in pod_spec(one)["volumes"]}
     assert volumes["cache"]["persistentVolumeClaim"]["claimName"] == "shared-weights"
 
@@ -101,13 +106,14 @@ def test_pvc_model_mounted_read_only() -> None:
 
 
 def test_disruption_budget_only_with_several_replicas() -> None:
-    assert children(spec(replicas=1), OWNER)["PodDisruptionBudget"] is None
-    budget = children(spec(replicas=3), OWNER)["PodDisruptionBudget"]
+    assert child(spec(replicas=1), "PodDisruptionBudget") is None
+    budget = child(spec(replicas=3, cache={"accessMode": "ReadWriteMany"}), "PodDisruptionBudget")
     assert budget is not None and budget["spec"]["maxUnavailable"] == 1
 
 
 def test_labels_and_owner_references_on_every_owned_child() -> None:
-    for kind, manifest in children(spec(replicas=2, cache={"retainOnDelete": False}), OWNER).items():
+    several = spec(replicas=2, cache={"retainOnDelete": False, "accessMode": "ReadWriteMany"})
+    for (kind, _name), manifest in children(several, OWNER).items():
         assert manifest is not None, kind
         labels = manifest["metadata"]["labels"]
         assert labels["app.kubernetes.io/managed-by"] == "vllm-operator"
@@ -123,3 +129,33 @@ def test_pod_labels_cannot_override_the_selector() -> None:
 
 def test_endpoint_is_the_service_url() -> None:
     assert endpoint(spec(service={"port": 9000}), OWNER) == "http://llama.ai.svc.cluster.local:9000/v1"
+
+
+def test_engine_pods_are_restricted_by_default() -> None:
+    pod = pod_spec(spec())
+    container = pod["containers"][0]
+    assert pod["securityContext"] == {"seccompProfile": {"type": "RuntimeDefault"}}
+    assert pod["automountServiceAccountToken"] is False
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_gaudi_adds_back_only_sys_nice() -> None:
+    security = pod_spec(spec(accelerator={"type": "gaudi", "count": 8}))["containers"][0]["securityContext"]
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["SYS_NICE"]}
+
+
+def test_a_chosen_service_account_gets_its_token() -> None:
+    assert pod_spec(spec(serviceAccountName="engine"))["automountServiceAccountToken"] is True
+
+
+def test_a_rollout_is_not_stuck_while_the_engine_may_still_be_loading() -> None:
+    budget = STARTUP_PROBE_BUDGET_SECONDS
+    assert deployment(spec(), OWNER)["spec"]["progressDeadlineSeconds"] > budget
+
+
+def test_credentials_may_come_from_secrets_and_shared_caches_allow_replicas() -> None:
+    spec(engine={"env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}]})
+    spec(replicas=4, cache={"accessMode": "ReadWriteMany"})
+    spec(replicas=4, cache={"enabled": False})
+    spec(replicas=4, cache={"existingClaim": "weights"})

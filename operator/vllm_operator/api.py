@@ -216,6 +216,13 @@ class CudaGraphSpec(ApiModel):
 
 
 EnvVarName = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")]
+# Variables that hold credentials: a literal value would store the secret in the LLMDeployment itself.
+SECRET_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "VLLM_API_KEY")
+SECRET_ENV_MESSAGE = (
+    "engine.env: HF_TOKEN, HUGGING_FACE_HUB_TOKEN and VLLM_API_KEY hold credentials and must not have a literal "
+    "value (the LLMDeployment would store the secret in plain text); use model.hfTokenSecretRef, apiKeySecretRef "
+    "or valueFrom.secretKeyRef"
+)
 
 
 class EnvVar(ApiModel):
@@ -339,13 +346,22 @@ class EngineSpec(ApiModel):
         default_factory=list,
         description="Extra environment variables of the engine container; they override the profile's.",
         max_length=256,
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["name"],
+            "x-kubernetes-validations": [
+                cel(f"!self.exists(e, e.name in [{', '.join(repr(n) for n in SECRET_ENV_NAMES)}] && has(e.value))",
+                    SECRET_ENV_MESSAGE),
+            ],
+        },
     )
 
     @model_validator(mode="after")
     def _check_engine(self) -> EngineSpec:
         if errors := extra_args_errors(self.extra_args):
             raise ValueError("engine.extraArgs: " + "; ".join(errors))
+        if any(var.name in SECRET_ENV_NAMES and var.value is not None for var in self.env):
+            raise ValueError(SECRET_ENV_MESSAGE)
         if (
             self.max_num_batched_tokens is not None
             and self.max_num_seqs is not None
@@ -378,7 +394,10 @@ class CacheSpec(ApiModel):
     )
     access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"] | None = Field(
         None,
-        description="Access mode of the claim. Default: ReadWriteOnce; use ReadWriteMany for replicas on several nodes.",
+        description=(
+            "Access mode of the claim. Default: ReadWriteOnce, which one node mounts at a time; replicas > 1 "
+            "need ReadWriteMany."
+        ),
     )
     existing_claim: str | None = Field(
         None, description="Use this existing claim instead of creating one.",
@@ -433,6 +452,13 @@ class LocalObjectReference(ApiModel):
     name: str = Field(description="Object name.", min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
 
 
+SHARED_CACHE_MESSAGE = (
+    "replicas > 1 need a cache every replica can mount: a ReadWriteOnce claim attaches to one node only, so "
+    "replicas on other nodes would wait forever; set cache.accessMode: ReadWriteMany (the storage class must "
+    "support it), bring a shared claim with cache.existingClaim, or set cache.enabled: false"
+)
+
+
 class LLMDeploymentSpec(ApiModel):
     """Desired state of an LLMDeployment."""
 
@@ -463,6 +489,13 @@ class LLMDeploymentSpec(ApiModel):
                     "self.accelerator.type == 'cpu' || !has(self.engine) || !has(self.engine.cpuKVCacheSpaceGiB)",
                     "engine.cpuKVCacheSpaceGiB applies to accelerator type cpu only",
                     ".engine.cpuKVCacheSpaceGiB",
+                ),
+                cel(
+                    "!has(self.replicas) || self.replicas <= 1 || (has(self.cache) && ((has(self.cache.enabled) && "
+                    "!self.cache.enabled) || has(self.cache.existingClaim) || (has(self.cache.accessMode) && "
+                    "self.cache.accessMode == 'ReadWriteMany')))",
+                    SHARED_CACHE_MESSAGE,
+                    ".cache",
                 ),
             ]
         }
@@ -509,7 +542,7 @@ class LLMDeploymentSpec(ApiModel):
     )
 
     @model_validator(mode="after")
-    def _check_parallelism(self) -> LLMDeploymentSpec:
+    def _check_spec(self) -> LLMDeploymentSpec:
         devices = self.accelerator.devices
         tp, pp = self.engine.tensor_parallel_size, self.engine.pipeline_parallel_size or 1
         if self.accelerator.type != "cpu":
@@ -524,6 +557,9 @@ class LLMDeploymentSpec(ApiModel):
             raise ValueError("engine.cudaGraph applies to GPU accelerators (nvidia, amd)")
         if self.accelerator.type != "cpu" and self.engine.cpu_kv_cache_space_gi_b is not None:
             raise ValueError("engine.cpuKVCacheSpaceGiB applies to accelerator type cpu only")
+        cache = self.cache
+        if self.replicas > 1 and cache.enabled and cache.existing_claim is None and cache.access_mode != "ReadWriteMany":
+            raise ValueError(SHARED_CACHE_MESSAGE)
         return self
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import sys
 import time
 from collections.abc import Mapping
@@ -18,19 +19,23 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from vllm_operator import observability
+from vllm_operator import api, observability
 from vllm_operator.api import LLMDeploymentSpec
-from vllm_operator.drift import matches
+from vllm_operator.drift import controller_uid, matches, owned, stamped
 from vllm_operator.engine_args import ENGINE_PORT, served_model_name
 from vllm_operator.engine_metrics import EngineStats
 from vllm_operator.kube import Kube, KubeError
-from vllm_operator.manifests import SELECTOR_LABEL, Owner, children, endpoint
+from vllm_operator.manifests import SELECTOR_LABEL, ChildKey, Manifest, Owner, children, endpoint
 from vllm_operator.status import Observation, compute_status, status_changed, status_events
 
 log = logging.getLogger("vllm_operator.controller")
 
 Key = tuple[str, str]  # (namespace, name)
-RETRY_SECONDS = 5
+# A failed reconcile is retried after 5 s, then 10, 20 ... up to 5 minutes, each a little jittered so
+# that a thousand LLMDeployments refused at once do not all come back in the same second.
+RETRY_SECONDS = 5.0
+RETRY_MAX_SECONDS = 300.0
+RETRY_JITTER = 0.2
 # How long a change of a child or of a status waits for the changes that usually follow it.
 SETTLE_SECONDS = 1.0
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
@@ -47,6 +52,24 @@ def describe_validation_error(error: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         parts.append(f"{location}: {message}")
     return "; ".join(parts)
+
+
+def retry_delay(failures: int, rng: random.Random | None = None) -> float:
+    """Seconds before the next attempt after ``failures`` failed reconciles in a row (1 or more)."""
+    base = min(RETRY_MAX_SECONDS, RETRY_SECONDS * 2 ** min(failures - 1, 16))
+    return min(RETRY_MAX_SECONDS, base * (1 + (rng or random).uniform(-RETRY_JITTER, RETRY_JITTER)))
+
+
+def conflict_message(kind: str, name: str, obj: Mapping[str, Any], owner: Owner) -> str:
+    """Why the operator leaves an object of its child's name alone, and what the user can do."""
+    ref = next((r for r in obj["metadata"].get("ownerReferences") or [] if r.get("controller")), None)
+    if ref is not None and ref.get("kind") == api.KIND and ref.get("name") == owner.name:
+        return (f"{kind} {name} still belongs to an earlier LLMDeployment named {owner.name} (uid {ref.get('uid')}); "
+                f"it is replaced once the garbage collector has removed it")
+    holder = f"is controlled by {ref.get('kind')} {ref.get('name')}" if ref else "was not created by this LLMDeployment"
+    advice = (f"delete or rename it, or set spec.cache.existingClaim: {name} to use it as the cache"
+              if kind == "PersistentVolumeClaim" else "delete or rename it, or give the LLMDeployment another name")
+    return f"{kind} {name} already exists and {holder}; the operator leaves it untouched: {advice}"
 
 
 def now_rfc3339() -> str:
@@ -105,6 +128,7 @@ class ChildOutcome:
     child: str  # "Deployment llama-3-8b"
     change: str | None = None  # "created" or "updated"
     error: str | None = None
+    conflict: str | None = None  # an object of the child's name that is not ours
 
 
 @dataclass
@@ -118,13 +142,20 @@ class Controller:
         self.kube = kube
         self.queue = WorkQueue()
         self.resources: dict[Key, dict[str, Any]] = {}
-        self.children: dict[Key, dict[str, dict[str, Any]]] = {}
+        # Watched objects carrying an LLMDeployment's label, by LLMDeployment. The label only finds
+        # them: what is the operator's is decided by controller owner references (drift.owned).
+        self.children: dict[Key, dict[ChildKey, dict[str, Any]]] = {}
+        self.replica_sets: dict[Key, dict[str, str | None]] = {}  # ReplicaSet uid -> its controller's uid
         self.pods: dict[Key, dict[str, dict[str, Any]]] = {}
         self.engines: dict[Key, EngineView] = {}
-        # Errors of the last apply per resource, shown in its status until an apply succeeds.
+        # Errors and conflicts of the last sync per resource, shown in its status until they clear.
         self.apply_errors: dict[Key, list[str]] = {}
+        self.conflicts: dict[Key, list[str]] = {}
+        self._failures: dict[Key, int] = {}  # failed reconciles in a row, for the retry backoff
         self._statuses: dict[Key, dict[str, Any]] = {}
         self._posting: set[asyncio.Task[None]] = set()
+        self._stores = (self.resources, self.children, self.replica_sets, self.pods, self.engines,
+                        self.apply_errors, self.conflicts, self._failures, self._statuses)
 
     # -- watch events -------------------------------------------------------------------------
 
@@ -132,7 +163,7 @@ class Controller:
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         if event_type == "DELETED":
-            for store in (self.resources, self.children, self.pods, self.engines, self.apply_errors, self._statuses):
+            for store in self._stores:
                 store.pop(key, None)
             observability.set_phase(key, None)
             return
@@ -149,13 +180,19 @@ class Controller:
         if owner is None:
             return
         key = (meta["namespace"], owner)
-        store = self.pods if kind == "Pod" else self.children
-        slot = meta["name"] if kind == "Pod" else kind
+        store: dict[Key, dict[Any, Any]]
+        if kind == "Pod":
+            store, slot, value = self.pods, meta["name"], None
+        elif kind == "ReplicaSet":
+            # Only the owner chain Deployment -> ReplicaSet -> Pod is read of a ReplicaSet.
+            store, slot, value = self.replica_sets, meta["uid"], controller_uid(body)
+        else:
+            store, slot, value = self.children, (kind, meta["name"]), None
         if event_type == "DELETED":
             store.get(key, {}).pop(slot, None)
         else:
             # Status and metadata are all a Pod's reconcile and scrape read.
-            store.setdefault(key, {})[slot] = slim(body, keep_spec=kind != "Pod")
+            store.setdefault(key, {})[slot] = value if kind == "ReplicaSet" else slim(body, keep_spec=kind != "Pod")
         if key in self.resources:
             # A Pod going Running fires several events in a row; one reconcile sees them all.
             self.queue.add_after(key, SETTLE_SECONDS)
@@ -172,6 +209,8 @@ class Controller:
         self._statuses.clear()
         self.engines.clear()
         self.apply_errors.clear()
+        self.conflicts.clear()
+        self._failures.clear()
         # An ended term writes nothing more, Events included: a standby may be leading already.
         for task in self._posting:
             task.cancel()
@@ -186,24 +225,34 @@ class Controller:
             key = await self.queue.get()
             started, result = time.monotonic(), "success"
             try:
-                await self.reconcile(key)
+                if not await self.reconcile(key):
+                    result = "error"  # a child was refused or is not ours: said in the status, tried again
             except KubeError as exc:  # the apiserver's own words say enough; retry later
                 result = "error"
                 log.warning(f"reconcile failed: {exc}", extra={"namespace": key[0], "llmdeployment": key[1]})
-                self.queue.add_after(key, RETRY_SECONDS)
             except Exception:  # a bug must not stop the other LLMDeployments
                 result = "error"
                 log.exception("reconcile failed", extra={"namespace": key[0], "llmdeployment": key[1]})
-                self.queue.add_after(key, RETRY_SECONDS)
             finally:
                 self.queue.done(key)
                 observability.record_reconcile(result, time.monotonic() - started)
+            if result == "error" and key in self.resources:
+                # Retried by itself: what refused it (a quota, a conflict, the apiserver) need not send an event.
+                self._failures[key] = self._failures.get(key, 0) + 1
+                self.queue.add_after(key, retry_delay(self._failures[key]))
+            else:
+                self._failures.pop(key, None)
 
-    async def reconcile(self, key: Key) -> None:
+    async def reconcile(self, key: Key) -> bool:
+        """Make one LLMDeployment's children and status match its spec; False when it must be retried."""
         body = self.resources.get(key)
         if body is None:
-            return
+            return True
         meta = body["metadata"]
+        if meta.get("deletionTimestamp"):
+            # Being deleted (foreground, or held by someone's finalizer): the garbage collector is
+            # removing the children, and re-creating any would fight it.
+            return True
         owner = Owner(meta["name"], meta["namespace"], meta["uid"])
         try:
             spec = LLMDeploymentSpec.model_validate(body.get("spec") or {})
@@ -211,8 +260,8 @@ class Controller:
             await self._write_status(key, body, Observation(
                 meta["name"], meta["namespace"], meta.get("generation", 0), 0, spec_error=describe_validation_error(error),
             ))
-            return
-        await self._sync_children(key, body, spec, owner)
+            return True
+        synced = await self._sync_children(key, body, spec, owner)
         view = self.engines.get(key, EngineView())
         observation = Observation(
             name=owner.name,
@@ -222,57 +271,109 @@ class Controller:
             endpoint=endpoint(spec, owner),
             served_model=served_model_name(spec, owner.name),
             selector=f"{SELECTOR_LABEL}={owner.name}",
-            deployment=self.children.get(key, {}).get("Deployment"),
-            pods=list(self.pods.get(key, {}).values()),
+            deployment=self._deployment(key),
+            pods=list(self.engine_pods(key).values()),
             engine=view.stats,
             unhealthy=view.unhealthy,
             apply_errors=tuple(self.apply_errors.get(key, ())),
+            conflicts=tuple(self.conflicts.get(key, ())),
         )
         await self._write_status(key, body, observation)
+        return synced
 
-    async def _sync_children(self, key: Key, body: Mapping[str, Any], spec: LLMDeploymentSpec, owner: Owner) -> None:
+    def _deployment(self, key: Key) -> dict[str, Any] | None:
+        """The engine Deployment, when it is this LLMDeployment's."""
+        body = self.resources.get(key)
+        if body is None:
+            return None
+        found = self.children.get(key, {}).get(("Deployment", key[1]))
+        return found if found is not None and controller_uid(found) == body["metadata"]["uid"] else None
+
+    def engine_pods(self, key: Key) -> dict[str, dict[str, Any]]:
+        """Pods of the ReplicaSets of the engine Deployment: a Pod with the label alone is not a replica."""
+        deployment = self._deployment(key)
+        pods = self.pods.get(key)
+        if deployment is None or not pods:
+            return {}
+        uid = deployment["metadata"]["uid"]
+        sets = {rs for rs, controller in self.replica_sets.get(key, {}).items() if controller == uid}
+        return {name: pod for name, pod in pods.items() if controller_uid(pod) in sets}
+
+    async def _sync_children(self, key: Key, body: Mapping[str, Any], spec: LLMDeploymentSpec, owner: Owner) -> bool:
         # Children are independent of each other: one round trip for all of them, not one each.
         live = self.children.get(key, {})
         outcomes = await asyncio.gather(*(
-            self._sync_child(key, owner, kind, manifest, live.get(kind))
-            for kind, manifest in children(spec, owner).items()
+            self._sync_child(key, owner, child, manifest, live.get(child))
+            for child, manifest in children(spec, owner).items()
         ))
-        errors = [outcome.error for outcome in outcomes if outcome.error]
-        if errors:
-            self.apply_errors[key] = errors
-        else:
-            self.apply_errors.pop(key, None)
+        for store, found in ((self.apply_errors, [o.error for o in outcomes if o.error]),
+                             (self.conflicts, [o.conflict for o in outcomes if o.conflict])):
+            if found:
+                store[key] = found
+            else:
+                store.pop(key, None)
         # One Event per reconcile and verb: a new LLMDeployment is one "Created", not one per child.
         for verb in ("created", "updated"):
             changed = [outcome.child for outcome in outcomes if outcome.change == verb]
             if changed:
                 self._event(body, "Normal", verb.capitalize(), f"{verb} {', '.join(changed)}")
+        return not any(outcome.error or outcome.conflict for outcome in outcomes)
 
     async def _sync_child(
-        self, key: Key, owner: Owner, kind: str, manifest: dict[str, Any] | None, current: dict[str, Any] | None,
+        self, key: Key, owner: Owner, child_key: ChildKey, manifest: Manifest | None, current: dict[str, Any] | None,
     ) -> ChildOutcome:
-        """Make one child match its manifest."""
+        """Make one child match its manifest, when it is ours to write."""
+        kind, name = child_key
+        child = f"{kind} {name}"
         if manifest is None:
             # A claim is never deleted here: it may hold the user's downloaded weights.
-            if current is not None and kind != "PersistentVolumeClaim" and _owned_by(current, owner):
-                await self.kube.delete(kind, owner.namespace, current["metadata"]["name"])
+            if current is not None and kind != "PersistentVolumeClaim" and controller_uid(current) == owner.uid:
+                await self.kube.delete(kind, owner.namespace, name)
                 observability.record_write("delete", kind)
-            return ChildOutcome(kind)
-        child = f"{kind} {manifest['metadata']['name']}"
-        if current is not None and matches(manifest, current):
+            return ChildOutcome(child)
+        desired = stamped(manifest)
+        known = current is not None
+        if current is None:
+            # Not watched: new, or someone else's object without our label. Never write over the latter.
+            current = await self._read(kind, owner.namespace, name)
+        if current is not None and not owned(current, desired, owner.uid):
+            return ChildOutcome(child, conflict=conflict_message(kind, name, current, owner))
+        if current is not None and matches(desired, current):
+            if not known:
+                self.children.setdefault(key, {})[child_key] = slim(current)
             return ChildOutcome(child)
         try:
-            applied = await self.kube.apply(manifest)
+            applied = await self.kube.apply(desired)
         except KubeError as exc:
             if "NamespaceTerminating" in exc.causes:
                 # The namespace controller is deleting the children; bringing them back would only fight it.
                 return ChildOutcome(child)
             return ChildOutcome(child, error=f"applying {child} failed: {exc}")
         observability.record_write("apply", kind)
-        self.children.setdefault(key, {})[kind] = slim(applied)
+        if not self._current(key, owner):
+            # The LLMDeployment went while the apply was in flight. The garbage collector removes what
+            # names the gone owner; a retained claim names none, and one made just now holds nothing.
+            if current is None and controller_uid(applied) is None:
+                await self.kube.delete(kind, owner.namespace, name)
+                observability.record_write("delete", kind)
+            return ChildOutcome(child)
+        self.children.setdefault(key, {})[child_key] = slim(applied)
         verb = "created" if current is None else "updated"
         log.info(f"{kind} {verb}", extra={"namespace": owner.namespace, "llmdeployment": owner.name})
         return ChildOutcome(child, change=verb)
+
+    async def _read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return await self.kube.get(kind, namespace, name)
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def _current(self, key: Key, owner: Owner) -> bool:
+        """Whether ``owner`` is still the live LLMDeployment of ``key``, and not being deleted."""
+        body = self.resources.get(key)
+        return body is not None and body["metadata"]["uid"] == owner.uid and not body["metadata"].get("deletionTimestamp")
 
     async def _write_status(self, key: Key, body: Mapping[str, Any], observation: Observation) -> None:
         previous = self._statuses.get(key) or body.get("status") or {}
@@ -308,8 +409,8 @@ class Controller:
     def scrape_targets(self) -> dict[Key, dict[str, str]]:
         """Base URLs of every Ready engine Pod, by LLMDeployment."""
         targets: dict[Key, dict[str, str]] = {}
-        for key, pods in self.pods.items():
-            for name, pod in pods.items():
+        for key in self.pods:
+            for name, pod in self.engine_pods(key).items():
                 ip = (pod.get("status") or {}).get("podIP")
                 running = (pod.get("status") or {}).get("phase") == "Running"
                 if ip and running and not pod["metadata"].get("deletionTimestamp") and _started(pod):
@@ -353,10 +454,6 @@ def _shared(value: Any) -> Any:
 
 def _load(stats: EngineStats | None) -> dict[str, Any] | None:
     return stats.without_time() if stats is not None else None
-
-
-def _owned_by(obj: Mapping[str, Any], owner: Owner) -> bool:
-    return any(ref.get("uid") == owner.uid for ref in obj["metadata"].get("ownerReferences") or [])
 
 
 def _started(pod: Mapping[str, Any]) -> bool:

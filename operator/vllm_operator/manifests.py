@@ -24,6 +24,9 @@ DEFAULT_CACHE_SIZE = "50Gi"
 # Loading a large model (download + weights + compile) can take tens of minutes.
 STARTUP_PROBE_BUDGET_SECONDS = 40 * 60
 STARTUP_PROBE_PERIOD_SECONDS = 10
+# A rollout counts as stuck only after the engine had its whole startup budget, plus time to be
+# scheduled and to pull the image: a model still loading at minute 11 is not a failed rollout.
+PROGRESS_DEADLINE_SECONDS = STARTUP_PROBE_BUDGET_SECONDS + 10 * 60
 
 
 @dataclass(frozen=True)
@@ -137,13 +140,22 @@ def _engine_container(spec: LLMDeploymentSpec, owner: Owner, mounts: list[dict[s
         "startupProbe": _probe(STARTUP_PROBE_PERIOD_SECONDS, STARTUP_PROBE_BUDGET_SECONDS // STARTUP_PROBE_PERIOD_SECONDS),
         "readinessProbe": _probe(5, 3),
         "livenessProbe": _probe(15, 4),
+        # A crashed engine's last log lines become its termination message, and so reach Degraded.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": _container_security(profile.capabilities),
     }
     resources = _resources(spec)
     if resources:
         container["resources"] = resources
-    if profile.capabilities:
-        container["securityContext"] = {"capabilities": {"add": list(profile.capabilities)}}
     return container
+
+
+def _container_security(capabilities: tuple[str, ...]) -> dict[str, Any]:
+    """Restricted by default; a profile adds back only the capabilities its runtime needs."""
+    caps: dict[str, Any] = {"drop": ["ALL"]}
+    if capabilities:
+        caps["add"] = list(capabilities)
+    return {"allowPrivilegeEscalation": False, "capabilities": caps}
 
 
 def _node_selector(spec: LLMDeploymentSpec) -> dict[str, str]:
@@ -163,6 +175,9 @@ def deployment(spec: LLMDeploymentSpec, owner: Owner) -> Manifest:
         "volumes": volumes,
         "terminationGracePeriodSeconds": 60,
         "enableServiceLinks": False,
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        # The engine never calls the Kubernetes API; a token is mounted only for a ServiceAccount the user chose.
+        "automountServiceAccountToken": spec.service_account_name is not None,
     }
     if node_selector := _node_selector(spec):
         pod_spec["nodeSelector"] = node_selector
@@ -192,6 +207,7 @@ def deployment(spec: LLMDeploymentSpec, owner: Owner) -> Manifest:
         "metadata": _metadata(owner, owner.name, "engine"),
         "spec": {
             "replicas": spec.replicas,
+            "progressDeadlineSeconds": PROGRESS_DEADLINE_SECONDS,
             "selector": {"matchLabels": selector_labels(owner.name)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": strategy},
             "template": {"metadata": template_meta, "spec": pod_spec},
@@ -250,11 +266,14 @@ def endpoint(spec: LLMDeploymentSpec, owner: Owner) -> str:
     return f"http://{owner.name}.{owner.namespace}.svc.cluster.local:{spec.service.port}/v1"
 
 
-def children(spec: LLMDeploymentSpec, owner: Owner) -> dict[str, Manifest | None]:
-    """Every child by kind; None means the kind must not exist for this spec."""
+ChildKey = tuple[str, str]  # (kind, name)
+
+
+def children(spec: LLMDeploymentSpec, owner: Owner) -> dict[ChildKey, Manifest | None]:
+    """Every child by kind and name; None means the child must not exist for this spec."""
     return {
-        "PersistentVolumeClaim": cache_claim(spec, owner),
-        "Deployment": deployment(spec, owner),
-        "Service": service(spec, owner),
-        "PodDisruptionBudget": disruption_budget(spec, owner),
+        ("PersistentVolumeClaim", cache_claim_name(owner.name)): cache_claim(spec, owner),
+        ("Deployment", owner.name): deployment(spec, owner),
+        ("Service", owner.name): service(spec, owner),
+        ("PodDisruptionBudget", owner.name): disruption_budget(spec, owner),
     }

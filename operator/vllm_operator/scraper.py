@@ -1,4 +1,5 @@
-"""Read /metrics and /health of many vLLM engines at once over one pooled HTTP session."""
+"""Read /metrics and /health of many vLLM engines at once over one pooled HTTP session, and decide
+from successive scrapes which engines are unhealthy."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import time
 from collections.abc import Callable, Collection, Hashable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from enum import Enum
+from typing import TypeVar
 
 import aiohttp
 
@@ -24,20 +27,40 @@ STATUS_HINTS = {
     ("/health", 503): "engine core is dead",
     ("/metrics", 404): "no /metrics here: is this a vLLM OpenAI server?",
 }
+# vLLM's answer once its engine core has died; the engine does not recover from that by itself.
+ENGINE_DEAD = ("/health", 503)
+# One failed scrape is often noise (a dropped packet, a pause of the engine's event loop); two in a
+# row are worth reporting.
+FAILURES_IN_A_ROW = 2
+
+
+class Failure(Enum):
+    """Why a scrape has no sample, as far as it decides how soon and how the failure is reported."""
+
+    DEAD = "dead"  # the engine says its core is dead
+    ENGINE = "engine"  # the engine answered, but not with usable metrics
+    NETWORK = "network"  # no answer: refused, reset or timed out
+
+    @property
+    def label(self) -> str:
+        """Whose fault it is, for the person reading the status."""
+        return "unreachable" if self is Failure.NETWORK else "engine unhealthy"
 
 
 @dataclass(frozen=True)
 class ScrapeResult:
-    """Either the engine's sample, or why there is none, worded for a person."""
+    """Either the engine's sample, or why there is none: worded for a person, and as a kind."""
 
     sample: EngineSample | None = None
     error: str | None = None
+    failure: Failure | None = None
 
 
 @dataclass(frozen=True)
 class _Reply:
     body: str = ""
     error: str | None = None
+    failure: Failure | None = None
     at: float = 0.0
 
 
@@ -87,15 +110,15 @@ class MetricsScraper:
         # One after the other, so /metrics reuses the connection /health opened; a dead engine
         # core is the more useful thing to report, and then /metrics is not worth asking.
         health = await self._get(session, base_url, "/health")
-        if health.error is not None:
-            return ScrapeResult(error=health.error)
+        if health.failure is not None:
+            return ScrapeResult(error=health.error, failure=health.failure)
         metrics = await self._get(session, base_url, "/metrics")
-        if metrics.error is not None:
-            return ScrapeResult(error=metrics.error)
+        if metrics.failure is not None:
+            return ScrapeResult(error=metrics.error, failure=metrics.failure)
         try:
             return ScrapeResult(sample=parse_sample(metrics.body, metrics.at))
         except ValueError as exc:
-            return ScrapeResult(error=f"GET /metrics answered text that is not usable: {exc}")
+            return ScrapeResult(error=f"GET /metrics answered text that is not usable: {exc}", failure=Failure.ENGINE)
 
     async def _get(self, session: aiohttp.ClientSession, base_url: str, path: str) -> _Reply:
         url = base_url.rstrip("/") + path
@@ -105,23 +128,55 @@ class MetricsScraper:
                 async with session.get(url) as response:
                     body = await response.text()
                     if response.status != 200:
-                        return _Reply(error=_status_error(path, response.status, body))
+                        dead = (path, response.status) == ENGINE_DEAD
+                        return _Reply(
+                            error=_status_error(path, response.status, body),
+                            failure=Failure.DEAD if dead else Failure.ENGINE,
+                        )
                     return _Reply(body=body, at=self._clock())
             except TimeoutError:
-                return _Reply(error=f"GET {path}: timeout after {self.timeout:g}s")
+                return _Reply(error=f"GET {path}: timeout after {self.timeout:g}s", failure=Failure.NETWORK)
             except aiohttp.ClientConnectorError as exc:
                 if isinstance(exc.os_error, ConnectionRefusedError):
-                    return _Reply(error=f"GET {path}: connection refused by {exc.host}:{exc.port}")
-                return _Reply(error=f"GET {path}: cannot connect to {exc.host}:{exc.port}: {exc.os_error}")
+                    error = f"GET {path}: connection refused by {exc.host}:{exc.port}"
+                else:
+                    error = f"GET {path}: cannot connect to {exc.host}:{exc.port}: {exc.os_error}"
+                return _Reply(error=error, failure=Failure.NETWORK)
             except aiohttp.ClientError as exc:
-                return _Reply(error=f"GET {path}: {type(exc).__name__}: {exc}")
+                return _Reply(error=f"GET {path}: {type(exc).__name__}: {exc}", failure=Failure.NETWORK)
             except UnicodeDecodeError as exc:
-                return _Reply(error=f"GET {path}: body is not text: {exc}")
+                return _Reply(error=f"GET {path}: body is not text: {exc}", failure=Failure.ENGINE)
 
 
 def _status_error(path: str, status: int, body: str) -> str:
     detail = STATUS_HINTS.get((path, status)) or " ".join(body.split())[:MAX_BODY_IN_ERROR]
     return f"GET {path} answered {status}" + (f": {detail}" if detail else "")
+
+
+Replica = TypeVar("Replica", bound=Hashable)
+
+
+def judge_health(
+    streaks: Mapping[Replica, int], results: Mapping[Replica, ScrapeResult]
+) -> tuple[dict[Replica, int], dict[Replica, str]]:
+    """The failure streaks after this sweep, and the replicas that are unhealthy with why.
+
+    ``streaks`` counts each replica's failed scrapes in a row up to the last sweep. A replica is
+    unhealthy once it has failed FAILURES_IN_A_ROW scrapes in a row, or at once when its engine says
+    it is dead. Replicas not in ``results`` are gone, and so are their streaks.
+    """
+    new_streaks: dict[Replica, int] = {}
+    unhealthy: dict[Replica, str] = {}
+    for replica, result in results.items():
+        if result.failure is None:
+            continue
+        new_streaks[replica] = streaks.get(replica, 0) + 1
+        if result.failure is Failure.DEAD:
+            unhealthy[replica] = f"{result.failure.label}: {result.error}"
+        elif new_streaks[replica] >= FAILURES_IN_A_ROW:
+            # The threshold, not the count: a message that changed every sweep would rewrite the status every sweep.
+            unhealthy[replica] = f"{result.failure.label}: {result.error} ({FAILURES_IN_A_ROW} scrapes in a row)"
+    return new_streaks, unhealthy
 
 
 class ScrapeState:

@@ -47,6 +47,8 @@ class Observation:
     unhealthy: Mapping[str, str] = field(default_factory=dict)
     # Children the apiserver refused to take, worded by the apiserver.
     apply_errors: Sequence[str] = ()
+    # Objects named like a child that are not this LLMDeployment's, and so left alone.
+    conflicts: Sequence[str] = ()
 
 
 def _is_ready(pod: Mapping[str, Any]) -> bool:
@@ -90,6 +92,21 @@ def pod_problems(pod: Mapping[str, Any]) -> list[Problem]:
                 f"pod {name}: engine exited with code {terminated.get('exitCode')} ({terminated.get('reason', 'Error')})"
                 + (f": {detail}" if detail else ""),
             ))
+    return problems
+
+
+def deployment_problems(deployment: Mapping[str, Any] | None) -> list[Problem]:
+    """What the Deployment controller could not do: create Pods (a quota, PodSecurity, a LimitRange
+    refused them) or finish a rollout in time, in the apiserver's own words."""
+    problems = []
+    for condition in ((deployment or {}).get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "ReplicaFailure" and condition.get("status") == "True":
+            problems.append(Problem("", "ReplicaFailure", "engine Pods cannot be created: "
+                                    + (condition.get("message") or condition.get("reason") or "ReplicaFailure"),
+                                    blocking=True))
+        elif condition.get("type") == "Progressing" and condition.get("reason") == "ProgressDeadlineExceeded":
+            problems.append(Problem("", "RolloutStuck", "the engine rollout made no progress: "
+                                    + (condition.get("message") or "progress deadline exceeded")))
     return problems
 
 
@@ -141,9 +158,12 @@ def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> d
     pods = [p for p in obs.pods if not p.get("metadata", {}).get("deletionTimestamp")]
     ready = sum(1 for p in pods if _is_ready(p))
     unschedulable = [(p["metadata"]["name"], m) for p in pods if (m := _unschedulable_message(p))]
-    problems = [problem for p in pods for problem in pod_problems(p)]
+    # Problems of the children themselves come first: they say why the Pods are missing or unreachable.
+    children = [Problem("", "ChildConflict", conflict, blocking=True) for conflict in obs.conflicts]
+    children += [Problem("", "ApplyFailed", error, blocking=True) for error in obs.apply_errors]
+    children += deployment_problems(obs.deployment)
+    problems = children + [problem for p in pods for problem in pod_problems(p)]
     problems += [Problem(pod, "EngineUnhealthy", f"pod {pod}: {why}") for pod, why in sorted(obs.unhealthy.items())]
-    problems += [Problem("", "ApplyFailed", error, blocking=True) for error in obs.apply_errors]
     rolling = _rollout_in_progress(obs)
 
     if obs.desired_replicas == 0:
@@ -153,6 +173,8 @@ def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> d
     elif ready > 0 or (problems and not any(p.blocking for p in problems)):
         phase, ready_reason = "Degraded", "ReplicasUnavailable"
         ready_message = f"{ready}/{obs.desired_replicas} replicas ready"
+        if children:
+            ready_reason, ready_message = children[0].reason, f"{ready_message}; {children[0].message}"
     elif problems:
         phase, ready_reason, ready_message = "Failed", problems[0].reason, problems[0].message
     elif unschedulable:

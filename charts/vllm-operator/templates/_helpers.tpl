@@ -70,14 +70,28 @@ does not exist yet. Reads are watches (kopf) and never need more than get/list/w
 - apiGroups: [llm.vllm-operator.io]
   resources: [llmdeployments/status]
   verbs: [patch]
-# The engine Deployment, its Service and the model cache claim are applied, never deleted: the
-# garbage collector removes them through owner references, and a claim may hold the user's weights.
+# Children name their LLMDeployment with blockOwnerDeletion, which the apiserver allows only to
+# whoever may update the owner's finalizers.
+- apiGroups: [llm.vllm-operator.io]
+  resources: [llmdeployments/finalizers]
+  verbs: [update]
+# The engine Deployment and its Service are applied, never deleted: the garbage collector removes
+# them through owner references.
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, patch]
 - apiGroups: [""]
-  resources: [services, persistentvolumeclaims]
+  resources: [services]
   verbs: [get, list, watch, create, patch]
+# The model cache claim may hold the user's weights: deleted only when the claim was created a
+# moment before for an LLMDeployment deleted meanwhile (it holds nothing yet).
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get, list, watch, create, patch, delete]
+# ReplicaSets are only read, to tell the engine Deployment's Pods from others with its label.
+- apiGroups: [apps]
+  resources: [replicasets]
+  verbs: [get, list, watch]
 # The disruption budget is deleted when an LLMDeployment scales below 2 replicas.
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
