@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -121,6 +123,112 @@ def test_parse_agrees_with_prometheus_client_parser(name: str) -> None:
         float(key[1]): value for key, value in sums.items() if key[0] == "vllm:time_to_first_token_seconds_bucket"
     }
     assert sample.itl.created == sums[("vllm:inter_token_latency_seconds_created", "")]
+
+
+def data_parallel_body() -> str:
+    """/metrics of a Pod with two data-parallel engines, rendered by prometheus-client as vLLM's API server does.
+
+    Names, label names and bucket bounds are those of the captures; engine "1" reports other values than "0".
+    prometheus-client writes one label set's buckets, count and sum, then the next label set's, so the
+    _bucket lines of a histogram are not all next to each other.
+    """
+    registry = prometheus_client.CollectorRegistry()
+    labels = ("model_name", "engine")
+
+    def gauge(name: str, *extra: str) -> prometheus_client.Gauge:
+        return prometheus_client.Gauge(name, "g", (*labels, *extra), registry=registry)
+
+    def counter(name: str, *extra: str) -> prometheus_client.Counter:
+        return prometheus_client.Counter(name, "c", (*labels, *extra), registry=registry)
+
+    def histogram(name: str, bounds: tuple[float, ...]) -> prometheus_client.Histogram:
+        return prometheus_client.Histogram(name, "h", labels, buckets=bounds, registry=registry)
+
+    running, waiting = gauge("vllm:num_requests_running"), gauge("vllm:num_requests_waiting")
+    waiting_by_reason = gauge("vllm:num_requests_waiting_by_reason", "reason")  # starts like a wanted name
+    kv_cache = gauge("vllm:kv_cache_usage_perc")
+    counters = [
+        counter(name) for name in (
+            "vllm:prompt_tokens", "vllm:generation_tokens", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits",
+            "vllm:prompt_tokens_cached",  # starts like a wanted name
+        )
+    ]
+    success = counter("vllm:request_success", "finished_reason")
+    ttft = histogram("vllm:time_to_first_token_seconds", (
+        0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+        80.0, 160.0, 640.0, 2560.0,
+    ))
+    itl = histogram("vllm:inter_token_latency_seconds", (
+        0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+    ))
+    for engine, scale in (("0", 1), ("1", 3)):
+        series = {"model_name": "tiny", "engine": engine}
+        running.labels(**series).set(2 * scale)
+        waiting.labels(**series).set(scale - 1)
+        waiting_by_reason.labels(**series, reason="capacity").set(50)
+        kv_cache.labels(**series).set(0.1 * scale)
+        for index, metric in enumerate(counters):
+            metric.labels(**series).inc(100 * scale + index)
+        for reason in ("stop", "length", "abort", "error", "repetition"):
+            success.labels(**series, finished_reason=reason).inc(scale * len(reason))
+        for seconds in (0.003, 0.03, 0.03 * scale, 0.3 * scale):
+            ttft.labels(**series).observe(seconds)
+        for seconds in (0.004, 0.02 * scale, 0.2 * scale):
+            itl.labels(**series).observe(seconds)
+    return prometheus_client.generate_latest(registry).decode()
+
+
+def engine_after_engine(body: str) -> str:
+    """Every sample line of engine "0", then every one of engine "1", as in two engines' bodies put one after
+    the other; without HELP and TYPE lines, which would no longer head their series."""
+    samples = [line for line in body.splitlines() if not line.startswith("#")]
+    return "\n".join(sorted(samples, key=lambda line: 'engine="1"' in line)) + "\n"
+
+
+def sample_by_prometheus_client(text: str, at: float) -> EngineSample:
+    """What parse_sample must report, as read by prometheus-client's parser: engines added up (KV cache: the
+    fullest), the latest `_created` stamp, counters by finished_reason and buckets by bound."""
+    series: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            series.setdefault(s.name, []).append((s.labels, s.value))
+
+    def values(name: str, reason: str | None) -> list[float]:
+        return [v for labels, v in series.get(name, []) if reason is None or labels["finished_reason"] == reason]
+
+    def counter(base: str, reason: str | None = None) -> Counter:
+        return Counter(sum(values(f"{base}_total", reason)), max(values(f"{base}_created", reason), default=None))
+
+    def histogram(name: str) -> Histogram:
+        buckets: dict[float, float] = {}
+        for labels, value in series.get(f"{name}_bucket", []):
+            buckets[float(labels["le"])] = buckets.get(float(labels["le"]), 0.0) + value
+        return Histogram(buckets, max(values(f"{name}_created", None), default=None))
+
+    return EngineSample(
+        at=at,
+        requests_running=round(sum(values("vllm:num_requests_running", None))),
+        requests_waiting=round(sum(values("vllm:num_requests_waiting", None))),
+        kv_cache_usage=max(values("vllm:kv_cache_usage_perc", None)),
+        prompt_tokens=counter("vllm:prompt_tokens"),
+        generation_tokens=counter("vllm:generation_tokens"),
+        prefix_cache_queries=counter("vllm:prefix_cache_queries"),
+        prefix_cache_hits=counter("vllm:prefix_cache_hits"),
+        request_success={
+            labels["finished_reason"]: counter("vllm:request_success", labels["finished_reason"])
+            for labels, _ in series["vllm:request_success_total"]
+        },
+        ttft=histogram("vllm:time_to_first_token_seconds"),
+        itl=histogram("vllm:inter_token_latency_seconds"),
+    )
+
+
+@pytest.mark.parametrize("arrange", [str, engine_after_engine], ids=["as-rendered", "engine-after-engine"])
+def test_parse_reads_every_engine_of_a_prometheus_client_body(arrange: Callable[[str], str]) -> None:
+    body = arrange(data_parallel_body())
+    expected = sample_by_prometheus_client(body, 7.0)
+    assert (expected.requests_running, expected.ttft.count, expected.itl.count) == (8, 8.0, 6.0)  # both engines
+    assert parse_sample(body, 7.0) == expected
 
 
 def test_parse_reads_escaped_label_values_and_labels_with_spaces() -> None:

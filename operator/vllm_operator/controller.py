@@ -339,7 +339,7 @@ class Controller:
         if current is not None and not owned(current, desired, owner.uid):
             return ChildOutcome(child, conflict=conflict_message(kind, name, current, owner))
         if current is not None and matches(desired, current):
-            if not known:
+            if not known and self._current(key, owner):
                 self.children.setdefault(key, {})[child_key] = slim(current)
             return ChildOutcome(child)
         try:
@@ -387,6 +387,9 @@ class Controller:
                 return
             raise
         observability.record_write("apply", "LLMDeployment/status")
+        live = self.resources.get(key)
+        if live is None or live["metadata"]["uid"] != body["metadata"]["uid"]:
+            return  # deleted while the write was in flight: nothing of it may stay behind
         self._statuses[key] = status
         observability.set_phase(key, status.get("phase"))
         for type_, reason, message in status_events(previous, status):

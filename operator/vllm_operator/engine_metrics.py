@@ -129,6 +129,8 @@ _WANTED = frozenset({
 _LABELLED = frozenset({
     REQUEST_SUCCESS, REQUEST_SUCCESS.removesuffix("_total") + "_created", *(name + "_bucket" for name in _HISTOGRAMS),
 })
+# A whole line (group 1) that starts with a wanted name (group 2) followed by its labels or its value.
+_WANTED_LINE = re.compile("\n((" + "|".join(map(re.escape, sorted(_WANTED))) + ")[{ ][^\n]*)")
 _LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
 _ESCAPES = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
 
@@ -138,27 +140,21 @@ def _unescape(value: str) -> str:
 
 
 def _wanted_samples(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
-    """(name, labels, value) of the wanted lines of a text exposition (format 0.0.4).
+    """(name, labels, value) of the wanted lines of a text exposition (format 0.0.4), wherever they are.
 
-    prometheus-client's parser reads every label of every line character by character, ~37 ms a
-    body; a sweep of 1,000 engines would need 37 s of CPU. Here each wanted series is found by
-    searching for its name and read on while the next line is one of its own (the format keeps a
-    series' lines together), and only the labels that matter are read: ~0.35 ms, with the same
-    results (a test compares them).
+    No line is assumed to follow another: prometheus-client writes a histogram's buckets, count and
+    sum one label set after the other, so with data-parallel engines one name's lines come in runs.
+
+    prometheus-client's own parser reads every label of every line character by character: 6 ms of
+    CPU per vLLM 0.32 capture, 6 s for a sweep of 1,000 engines. Here one regular-expression pass
+    picks the lines that start with a wanted name, and only the labels that matter are read:
+    0.19 ms (0.20 ms for the name-by-name search before it, which stopped after a name's first
+    run), with the same results (tests compare them).
     """
-    text = "\n" + text
-    for name in _WANTED:
-        needle, size = "\n" + name, len(name) + 1
-        at = text.find(needle)
-        while at != -1 and text[at + size:at + size + 1] not in ("{", " "):
-            at = text.find(needle, at + size)  # a longer name that merely starts alike
-        # The format keeps a series' lines together: read on while the next line is one of them.
-        while at != -1 and text.startswith(needle, at) and text[at + size:at + size + 1] in ("{", " "):
-            end = text.find("\n", at + size)
-            line = text[at + 1:] if end == -1 else text[at + 1:end]
-            labels, value = _labels_and_value(line, len(name), name in _LABELLED)
-            yield name, labels, value
-            at = end
+    for match in _WANTED_LINE.finditer("\n" + text):
+        line, name = match.groups()
+        labels, value = _labels_and_value(line, len(name), name in _LABELLED)
+        yield name, labels, value
 
 
 def _labels_and_value(line: str, start: int, read_labels: bool) -> tuple[dict[str, str], float]:
