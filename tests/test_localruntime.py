@@ -162,23 +162,105 @@ def test_prober_thresholds() -> None:
     assert prober.passing and not prober.failed
 
 
-def run_locally(command: list[str], tmp_path: Path, restart_policy: str) -> ContainerRunner:
+def run_locally(command: list[str], tmp_path: Path, restart_policy: str,
+                policy: str = "File", **spec: Any) -> ContainerRunner:
     plan = LaunchPlan(command, dict(os.environ), tmp_path, engine=False)
-    return ContainerRunner({"name": "c", "image": "busybox"}, "ai/p", tmp_path / "c.log", restart_policy,
+    container = {"name": "c", "image": "busybox", "terminationMessagePolicy": policy, **spec}
+    return ContainerRunner(container, "ai/p", tmp_path / "c.log", tmp_path / "c.termination-log", restart_policy,
                            lambda: plan, grace_seconds=2)
 
 
-def test_runner_records_a_failed_exit_with_its_output(tmp_path: Path) -> None:
-    runner = run_locally(["sh", "-c", "echo starting; echo broken >&2; exit 3"], tmp_path, "Never")
-
+def run_to_exit(runner: ContainerRunner) -> dict[str, Any]:
     def finished() -> bool:
         runner.tick("127.0.0.1", time.monotonic())
         return runner.done
 
     wait_for("the process to exit", finished, 10, 0.05)
-    terminated = runner.status()["state"]["terminated"]
+    terminated: dict[str, Any] = runner.status()["state"]["terminated"]
+    return terminated
+
+
+# For `sh -c WRITE_MESSAGE FILE MESSAGE`: $0 is the termination message file, $1 the message.
+WRITE_MESSAGE = 'printf %s "$1" > "$0"'
+
+
+def test_a_failed_exit_falls_back_to_the_log_tail(tmp_path: Path) -> None:
+    runner = run_locally(["sh", "-c", "echo starting; echo broken >&2; exit 3"], tmp_path, "Never",
+                         "FallbackToLogsOnError")
+    terminated = run_to_exit(runner)
     assert terminated["exitCode"] == 3 and terminated["reason"] == "Error"
-    assert terminated["message"] == "starting\nbroken"
+    assert terminated["message"] == "starting\nbroken\n"
+
+
+def test_the_log_tail_is_the_last_80_lines(tmp_path: Path) -> None:
+    runner = run_locally(["sh", "-c", "for i in $(seq 1 100); do echo line $i; done; exit 1"], tmp_path, "Never",
+                         "FallbackToLogsOnError")
+    assert run_to_exit(runner)["message"] == "".join(f"line {i}\n" for i in range(21, 101))
+
+
+def test_the_log_tail_is_at_most_2048_bytes(tmp_path: Path) -> None:
+    # 40 lines of 100 bytes: fewer than 80 lines, but twice the byte limit, which keeps the end.
+    script = "for i in $(seq 10 49); do printf '%099d\\n' $i; done; exit 1"
+    runner = run_locally(["sh", "-c", script], tmp_path, "Never", "FallbackToLogsOnError")
+    written = "".join(f"{i:099d}\n" for i in range(10, 50))
+    assert run_to_exit(runner)["message"] == written[-2048:]
+
+
+def test_only_the_current_run_is_tailed(tmp_path: Path) -> None:
+    (tmp_path / "c.log").write_text("an earlier run\n")
+    runner = run_locally(["sh", "-c", "echo this run; exit 1"], tmp_path, "Never", "FallbackToLogsOnError")
+    assert run_to_exit(runner)["message"] == "this run\n"
+
+
+def test_a_successful_exit_gets_no_log_tail(tmp_path: Path) -> None:
+    runner = run_locally(["sh", "-c", "echo all done"], tmp_path, "Never", "FallbackToLogsOnError")
+    terminated = run_to_exit(runner)
+    assert terminated["exitCode"] == 0 and terminated["reason"] == "Completed"
+    assert terminated["message"] is None
+
+
+def test_the_file_policy_never_reads_the_log(tmp_path: Path) -> None:
+    runner = run_locally(["sh", "-c", "echo broken; exit 3"], tmp_path, "Never")
+    terminated = run_to_exit(runner)
+    assert terminated["exitCode"] == 3 and terminated["message"] is None
+
+
+@pytest.mark.parametrize("policy", ["File", "FallbackToLogsOnError"])
+@pytest.mark.parametrize("code", [0, 3])
+def test_the_termination_message_file_wins_over_the_log(tmp_path: Path, policy: str, code: int) -> None:
+    script = f"echo log line; {WRITE_MESSAGE}; exit {code}"
+    runner = run_locally(["sh", "-c", script, str(tmp_path / "c.termination-log"), "why it ended"], tmp_path,
+                         "Never", policy)
+    terminated = run_to_exit(runner)
+    assert terminated["exitCode"] == code and terminated["message"] == "why it ended"
+
+
+def test_the_termination_message_file_is_read_up_to_its_last_4096_bytes(tmp_path: Path) -> None:
+    message = "a" * 1000 + "b" * 4000
+    runner = run_locally(["sh", "-c", f"{WRITE_MESSAGE}; exit 1", str(tmp_path / "c.termination-log"), message],
+                         tmp_path, "Never")
+    assert run_to_exit(runner)["message"] == message[-4096:]
+
+
+def test_each_run_gets_an_empty_termination_message_file(tmp_path: Path) -> None:
+    # The first run leaves a message and fails; the second writes none: its message must not be the first one's.
+    script = f"if [ -e ran ]; then exit 0; fi; touch ran; {WRITE_MESSAGE}; exit 3"
+    runner = run_locally(["sh", "-c", script, str(tmp_path / "c.termination-log"), "first run"], tmp_path,
+                         "OnFailure")
+    terminated = run_to_exit(runner)
+    assert runner.status()["lastState"]["terminated"]["message"] == "first run"
+    assert terminated["exitCode"] == 0 and terminated["message"] is None
+
+
+def test_our_own_kill_reason_comes_before_the_log_tail(tmp_path: Path) -> None:
+    runner = run_locally(["sh", "-c", "echo loading; sleep 30"], tmp_path, "Never", "FallbackToLogsOnError",
+                         resources={"limits": {"memory": "1Ki"}})
+    runner.tick("127.0.0.1", time.monotonic())
+    wait_for("the first log line", lambda: (tmp_path / "c.log").read_text() == "loading\n", 10, 0.05)
+    terminated = run_to_exit(runner)
+    assert terminated["reason"] == "OOMKilled"
+    assert terminated["message"].startswith("resident memory ")
+    assert terminated["message"].endswith(" exceeded the limit 1024: loading\n")
 
 
 def test_runner_restarts_with_back_off_and_stops_its_group(tmp_path: Path) -> None:
@@ -275,6 +357,35 @@ def test_pod_runs_restarts_and_dies_with_its_deletion(cluster: Any, namespace: s
     core.delete_namespaced_pod("web", namespace)
     wait_for("the pod to go", lambda: read_pod(core, namespace, "web") is None, 30)
     assert not process_running(second)
+
+
+@pytest.mark.cluster
+def test_termination_messages_follow_each_containers_policy(cluster: Any, namespace: str) -> None:
+    core = client.CoreV1Api(cluster.api_client)
+    crash = ["sh", "-c", "echo loading; echo crashed >&2; exit 2"]
+    fallback = {"terminationMessagePolicy": "FallbackToLogsOnError"}
+    core.create_namespaced_pod(namespace, {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "crash"},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": NODE}, "tolerations": [LOCAL_RUNTIME_TAINT],
+            "restartPolicy": "Never",
+            "containers": [
+                {"name": "tail", "image": "busybox", "command": crash, **fallback},
+                {"name": "no-tail", "image": "busybox", "command": crash},
+                {"name": "done", "image": "busybox", "command": ["sh", "-c", "echo fine"], **fallback},
+                # The API server defaults terminationMessagePath to /dev/termination-log.
+                {"name": "default-path", "image": "busybox",
+                 "command": ["sh", "-c", f"{WRITE_MESSAGE}; exit 0", "/dev/termination-log", "all good"]},
+                {"name": "own-path", "image": "busybox", "terminationMessagePath": "/run/why", **fallback,
+                 "command": ["sh", "-c", f"echo loading; {WRITE_MESSAGE}; exit 2", "/run/why", "out of cheese"]},
+            ],
+        },
+    })
+    pod = wait_for("the pod to fail", lambda: (p := read_pod(core, namespace, "crash"))
+                   and p["status"].get("phase") == "Failed" and p, 60)
+    messages = {s["name"]: s["state"]["terminated"].get("message") for s in pod["status"]["containerStatuses"]}
+    assert messages == {"tail": "loading\ncrashed\n", "no-tail": None, "done": None, "default-path": "all good",
+                        "own-path": "out of cheese"}
 
 
 def bound_claim_folder(core: client.CoreV1Api, namespace: str, name: str, size: str) -> Path:

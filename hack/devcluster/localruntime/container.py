@@ -20,7 +20,11 @@ BACKOFF_FIRST = 2.0
 BACKOFF_CAP = 20.0
 BACKOFF_RESET_AFTER = 60.0  # a run this long counts as healthy again
 MEMORY_CHECK_SECONDS = 2.0
-MESSAGE_LINES = 10
+# Kubelet's limits for termination messages: a message file counts up to its last 4 KiB; the log
+# fallback takes a run's last 80 lines, at most their last 2 KiB.
+MESSAGE_FILE_BYTES = 4096
+MESSAGE_LOG_LINES = 80
+MESSAGE_LOG_BYTES = 2048
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -41,16 +45,24 @@ def group_rss(pgid: int) -> int:
     return total
 
 
-def log_tail(path: Path, offset: int) -> str:
-    """The last lines a run wrote to its log (the run began at ``offset``)."""
+def read_end(path: Path, start: int, limit: int) -> bytes:
+    """At most the last ``limit`` bytes of a file from ``start`` on; nothing when it cannot be read."""
     try:
-        with path.open("rb") as log:
-            size = log.seek(0, os.SEEK_END)
-            log.seek(max(offset, size - 16384))
-            text = log.read().decode(errors="replace")
+        with path.open("rb") as file:
+            size = file.seek(0, os.SEEK_END)
+            file.seek(max(start, size - limit))
+            return file.read()
     except OSError:
-        return ""
-    return "\n".join(text.rstrip().splitlines()[-MESSAGE_LINES:])[-4000:]
+        return b""
+
+
+def log_tail(path: Path, offset: int) -> str:
+    """The end of what a run (begun at ``offset``) wrote to its log: its last lines, at most their last bytes."""
+    # The last lines' last bytes are within the file's last bytes, so reading those is enough.
+    data = read_end(path, offset, MESSAGE_LOG_BYTES)
+    # A final newline ends the last line rather than starting another one.
+    keep = MESSAGE_LOG_LINES + int(data.endswith(b"\n"))
+    return b"\n".join(data.split(b"\n")[-keep:]).decode(errors="replace")
 
 
 def _state(waiting: Obj | None = None, running: Obj | None = None, terminated: Obj | None = None) -> Obj:
@@ -59,12 +71,13 @@ def _state(waiting: Obj | None = None, running: Obj | None = None, terminated: O
 
 
 class ContainerRunner:
-    def __init__(self, container: Obj, pod_name: str, log_path: Path, restart_policy: str,
+    def __init__(self, container: Obj, pod_name: str, log_path: Path, message_path: Path, restart_policy: str,
                  plan: Callable[[], LaunchPlan], grace_seconds: float) -> None:
         self.spec = container
         self.name: str = container["name"]
         self.pod_name = pod_name
         self.log_path = log_path
+        self.message_path = message_path  # the file standing in for terminationMessagePath
         self.restart_policy = restart_policy
         self.make_plan = plan
         self.grace_seconds = grace_seconds
@@ -135,6 +148,9 @@ class ContainerRunner:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        # Kubelet gives every run a new, empty file: a message must not outlive the run that wrote it.
+        self.message_path.parent.mkdir(parents=True, exist_ok=True)
+        self.message_path.write_bytes(b"")
         self.started_at = timestamp()
         self.run_began = now
         try:
@@ -217,10 +233,12 @@ class ContainerRunner:
         self.process = None
         self.started = self.ready = False
         self.probers = {}
-        message = note
-        if exit_code != 0 and reason != "StartError":
-            tail = log_tail(self.log_path, self.log_offset)
-            message = f"{note}\n{tail}" if note and tail else (note or tail or None)
+        # As kubelet: what the run wrote to its message file, else, only for FallbackToLogsOnError and a
+        # failure, its log's tail; our own kill reason stands where kubelet puts the runtime's message.
+        text = read_end(self.message_path, 0, MESSAGE_FILE_BYTES).decode(errors="replace")
+        if not text and exit_code != 0 and self.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+            text = log_tail(self.log_path, self.log_offset)
+        message = ": ".join(part for part in (note, text) if part) or None
         terminated = {
             "exitCode": exit_code,
             "signal": -code if code < 0 else None,

@@ -176,6 +176,9 @@ class PodWorker(threading.Thread):
             for mount in container.get("volumeMounts", [])
             if mount["name"] in volumes
         ]
+        message_path = self.pod_dir / f"{container['name']}.termination-log"
+        # Kubelet mounts a file at terminationMessagePath; here values naming that path are pointed at ours.
+        message_mount = (container.get("terminationMessagePath") or "/dev/termination-log", message_path)
         home = self.pod_dir / "home"
         objects = ApiObjects(self.core, self.namespace)
         assert self.ip is not None
@@ -186,11 +189,11 @@ class PodWorker(threading.Thread):
             for _, local in mounts:
                 if not local.exists():  # a missing subPath is created, as kubelet does
                     local.mkdir(parents=True)
-            return launch_plan(container, self.pod, pod_ip, mounts, objects, self.manager.engine_python,
-                               home, self.manager.base_env)
+            return launch_plan(container, self.pod, pod_ip, [*mounts, message_mount], objects,
+                               self.manager.engine_python, home, self.manager.base_env)
 
-        runner = ContainerRunner(container, self.key, self.pod_dir / f"{container['name']}.log", restart_policy,
-                                 plan, self._grace())
+        runner = ContainerRunner(container, self.key, self.pod_dir / f"{container['name']}.log", message_path,
+                                 restart_policy, plan, self._grace())
         status = self.pod.get("status", {})
         # Container names are unique across init and regular containers.
         previous = {s["name"]: s for s in [*status.get("initContainerStatuses", []),
