@@ -8,50 +8,66 @@ import os
 import sys
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 from bench import burst, engine_start, fleet, latency, sizes
-from bench.report import Row, text_table, write_doc
+from bench.report import DOC, Row, previous_results, text_table, write_doc
 from bench.rig import SCRAPE_INTERVAL, Out, Rig, kubeconfig_answers, llmdeployment, rig
 from bench.tracker import expected_children, tracking
 from devcluster.cluster import ClusterError, LocalCluster
 
 MEASUREMENTS = {
     "apply": "apply -> children latency of single applies",
-    "burst": "every burst size (the last one also builds the fleet), and the control plane's own floor",
+    "burst": "every burst size (the last one also builds the fleet), judged against the control plane's own floor",
     "fleet": "idle cost, steady traffic, scrape sweep and memory on the fleet (runs the fleet's burst)",
     "engine-start": "real vLLM start-up with a cold and a warm compile cache",
 }
+
+
+T = TypeVar("T")
 
 
 def _out(line: str) -> None:
     print(line, flush=True)
 
 
-async def _guarded(figure: str, work: Awaitable[Row | list[Row]]) -> list[Row]:
+async def _attempt(figure: str, work: Awaitable[T]) -> T | Row:
     """A measurement that breaks becomes a failed row; the others still run."""
     try:
-        result = await work
+        return await work
     except Exception as exc:  # noqa: BLE001 - reported in the table and on the console
         _out(f"  {figure} failed: {type(exc).__name__}: {exc}")
-        return [Row(figure, f"error: {exc}"[:200], passed=False)]
+        return Row(figure, f"error: {exc}"[:200], passed=False)
+
+
+async def _guarded(figure: str, work: Awaitable[Row | list[Row]]) -> list[Row]:
+    result = await _attempt(figure, work)
     return result if isinstance(result, list) else [result]
 
 
 async def _bursts(setting: Rig, size: sizes.Size, selected: set[str]) -> list[Row]:
-    rows = []
+    """The bursts and the control-plane floor measured after them, each burst judged against that floor; then
+    the rows of the fleet the last burst built."""
+    timed: list[burst.Burst | Row] = []
+    fleet_rows: list[Row] = []
     counts = [n for n in size.bursts[:-1] if "burst" in selected]
     if selected & {"burst", "fleet"}:
         counts.append(size.fleet)
     for count in counts:
         async with setting.namespace(burst.namespace_for(count)) as namespace:
             async with tracking(setting.kube, namespace, expected_children(llmdeployment("probe", namespace))) as seen:
-                rows += await _guarded(f"burst of {count:,}", burst.measure(setting, seen, namespace, count))
+                timed.append(await _attempt(f"burst of {count:,}", burst.measure(setting, seen, namespace, count)))
                 if count == size.fleet and "fleet" in selected:
-                    rows += await _guarded("fleet", fleet.measure(setting, seen, namespace, size))
+                    fleet_rows += await _guarded("fleet", fleet.measure(setting, seen, namespace, size))
+    floor: burst.Floor | Row | None = None
     if "burst" in selected:
         async with setting.namespace(burst.floor_namespace_for(size.fleet)) as namespace:
-            rows += await _guarded("control-plane floor", burst.measure_floor(setting, namespace, size.fleet))
-    return rows
+            floor = await _attempt("control-plane floor", burst.measure_floor(setting, namespace, size.fleet))
+    measured = floor if isinstance(floor, burst.Floor) else None
+    rows = [each.row(measured) if isinstance(each, burst.Burst) else each for each in timed]
+    if floor is not None:
+        rows.append(floor.row() if isinstance(floor, burst.Floor) else floor)
+    return rows + fleet_rows
 
 
 async def run(kubeconfig: Path, size: sizes.Size, selected: set[str], out: Out) -> list[Row]:
@@ -90,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     size = sizes.from_env()
     selected = set(args.only or MEASUREMENTS)
+    previous = previous_results(DOC.read_text() if DOC.is_file() else "", size)
     _out(f"benchmarks, size {size.name}: {', '.join(name for name in MEASUREMENTS if name in selected)}")
     try:
         kubeconfig, started = _cluster()
@@ -101,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if started is not None:
             started.down(_out)
-    _out("\n" + text_table(rows))
+    _out("\n" + text_table(rows, previous))
     if args.only:
         _out("\n(--only: docs/benchmarks.md left as it was)")
     else:
         methods = [m.method(size) for m in (latency, burst, fleet, engine_start)]
-        _out(f"\nwritten to {write_doc(rows, size, SCRAPE_INTERVAL, methods)}")
+        _out(f"\nwritten to {write_doc(rows, previous, size, SCRAPE_INTERVAL, methods)}")
     return 0
 
 

@@ -51,9 +51,11 @@ and the controller manager write Events of their own. The operator's own count o
 apiserver's count of writes to `llmdeployments/status` over {span} from the switch is divided by the
 fleet size and scaled to a minute. At most one write per LLMDeployment per scrape interval is the target.
 
-**scrape sweep**: the operator's histogram `{SWEEP_METRIC}` over the idle window: mean time for one sweep of
-every engine's `/health` and `/metrics`, and the smallest bucket bound that holds every sweep. The simulated
-engines serve a real 50 KB vLLM `/metrics` body from one process on the same cores.
+**scrape sweep**: the operator's histogram `{SWEEP_METRIC}` over the idle window, one observation per sweep of
+every engine's `/health` and `/metrics`. Every sweep is judged, not their mean: the target holds only when
+the count in the `le="{SWEEP_TARGET_SECONDS:g}"` bucket equals the histogram's count, and the row says how many
+sweeps were over. The mean and the smallest bucket bound that holds every sweep are shown beside. The
+simulated engines serve a real 50 KB vLLM `/metrics` body from one process on the same cores.
 
 **memory**: peak resident memory of the operator process (`VmHWM` in `/proc/<pid>/status`) after all of the
 above, so it covers the bursts, the settled fleet and the busy window."""
@@ -81,6 +83,9 @@ class Window:
             if resource in OPERATOR_RESOURCES:
                 found[f"{verb} {resource}{'/' + sub if sub else ''}"] += value
         return found
+
+    def sweeps_over(self, seconds: float) -> float:
+        return metrics.over(self.sweep_buckets, self.sweeps, seconds)
 
     def slowest_sweep_bound(self) -> float:
         if not self.sweeps:
@@ -174,13 +179,14 @@ def _steady_row(busy: Window, count: int, out: Out) -> Row:
                f"{SCRAPE_INTERVAL:g} s)", f"{per_resource:.2f}", f"<= {limit:g}", per_resource <= limit)
 
 
-def _sweep_row(idle: Window, count: int) -> Row:
+def sweep_row(idle: Window, count: int) -> Row:
     mean = idle.sweep_seconds / idle.sweeps if idle.sweeps else float("inf")
-    bound = idle.slowest_sweep_bound()
+    over = idle.sweeps_over(SWEEP_TARGET_SECONDS)
     failures = f", {idle.scrape_failures:.0f} failed scrapes" if idle.scrape_failures else ""
     return Row(f"scrape sweep of {count:,} endpoints",
-               f"mean {mean:.2f} s over {idle.sweeps:.0f} sweeps, each <= {bound:g} s{failures}",
-               f"<= {SWEEP_TARGET_SECONDS:g} s", bound <= SWEEP_TARGET_SECONDS and not idle.scrape_failures)
+               f"{over:.0f} of {idle.sweeps:.0f} sweeps over {SWEEP_TARGET_SECONDS:g} s; mean {mean:.2f} s, "
+               f"each <= {idle.slowest_sweep_bound():g} s{failures}",
+               f"every sweep <= {SWEEP_TARGET_SECONDS:g} s", idle.sweeps > 0 and over == 0 and not idle.scrape_failures)
 
 
 async def measure(rig: Rig, tracker: Tracker, namespace: str, size: Size) -> list[Row]:
@@ -197,7 +203,7 @@ async def measure(rig: Rig, tracker: Tracker, namespace: str, size: Size) -> lis
     return [
         _idle_row(idle, count, rig.out),
         _steady_row(busy, count, rig.out),
-        _sweep_row(idle, count),
+        sweep_row(idle, count),
         Row(f"operator peak RSS, {count:,} LLMDeployments and scraped endpoints", f"{peak:.0f} MiB",
             f"<= {RSS_TARGET_MIB:g} MiB", peak <= RSS_TARGET_MIB),
     ]

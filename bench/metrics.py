@@ -31,3 +31,10 @@ def apiserver_requests(text: str) -> Requests:
 def buckets(text: str, name: str) -> dict[float, float]:
     """A histogram's cumulative bucket counts by upper bound."""
     return {float(labels["le"]): value for labels, value in samples(text, name + "_bucket")}
+
+
+def over(cumulative: dict[float, float], count: float, bound: float) -> float:
+    """How many of a histogram's ``count`` observations lie above ``bound``, one of its bucket bounds."""
+    if bound not in cumulative:
+        raise ValueError(f"the histogram has no bucket le={bound:g}")
+    return count - cumulative[bound]

@@ -1,9 +1,12 @@
-"""The one table: printed as text, and written as Markdown to docs/benchmarks.md."""
+"""The one table: printed as text, and written as Markdown to docs/benchmarks.md, beside the results
+the page held from the run before."""
 
 from __future__ import annotations
 
 import os
+import re
 import textwrap
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -11,8 +14,14 @@ from pathlib import Path
 from bench.sizes import Size
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-HEADER = ("figure", "result", "target", "verdict")
+HEADER = ("figure", "previous", "result", "target", "verdict")
 WIDTH = 110
+# What ``page`` writes of the run's size; any whitespace, as wrapping may break the line there.
+SIZE_PATTERN = re.compile(r"Last run: .*?\bsize\s+`(\w+)`", re.DOTALL)
+# A Markdown cell separator: a pipe that ``markdown_table`` did not escape.
+CELL_PATTERN = re.compile(r"(?<!\\)\|")
+
+Previous = Mapping[str, str]  # figure -> result of the run before
 
 
 @dataclass(frozen=True)
@@ -26,22 +35,38 @@ class Row:
     def verdict(self) -> str:
         return {True: "pass", False: "FAIL", None: "-"}[self.passed]
 
-    def cells(self) -> tuple[str, str, str, str]:
-        return self.figure, self.result, self.target, self.verdict
+    def cells(self, previous: Previous) -> tuple[str, ...]:
+        return self.figure, previous.get(self.figure, "-"), self.result, self.target, self.verdict
 
 
-def text_table(rows: list[Row]) -> str:
-    table = [HEADER, *(row.cells() for row in rows)]
+def text_table(rows: list[Row], previous: Previous) -> str:
+    table = [HEADER, *(row.cells(previous) for row in rows)]
     widths = [max(len(line[i]) for line in table) for i in range(len(HEADER))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
 
 
-def markdown_table(rows: list[Row]) -> str:
+def markdown_table(rows: list[Row], previous: Previous) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row.cells()) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row.cells(previous)) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def previous_results(text: str, size: Size) -> dict[str, str]:
+    """The results a page written by ``page`` holds, by figure; none when that run was of another size,
+    as some figures (steady traffic per LLMDeployment) keep their name across sizes."""
+    ran = SIZE_PATTERN.search(text)
+    if ran is None or ran.group(1) != size.name:
+        return {}
+    table = [[cell.strip().replace("\\|", "|") for cell in CELL_PATTERN.split(line)[1:-1]]
+             for line in text.splitlines() if line.startswith("|")]
+    if not table:
+        return {}
+    header, _rule, *body = table
+    # By the header's names, so a page with other columns (before "previous" was one) reads too.
+    figure, result = header.index("figure"), header.index("result")
+    return {cells[figure]: cells[result] for cells in body}
 
 
 def _paragraphs(*texts: str) -> str:
@@ -52,7 +77,7 @@ def _paragraphs(*texts: str) -> str:
                        for block in blocks)
 
 
-def write_doc(rows: list[Row], size: Size, scrape_interval: float, methods: list[str]) -> Path:
+def page(rows: list[Row], previous: Previous, size: Size, scrape_interval: float, methods: list[str]) -> str:
     intro = _paragraphs(
         "`make bench` (or `PYTHONPATH=hack .venv/bin/python -m bench`) measures the operator against the local "
         "control plane and rewrites this page. `BENCH_SIZE=small` shrinks every size to a run of a few minutes; "
@@ -60,7 +85,12 @@ def write_doc(rows: list[Row], size: Size, scrape_interval: float, methods: list
         "at, or starts the local cluster and stops it afterwards.",
         f"Last run: {date.today().isoformat()}, {os.cpu_count()} cores, size `{size.name}`, operator scrape "
         f"interval {scrape_interval:g} s. The control plane, the simulated engines and the operator share "
-        "those cores.")
-    DOC.write_text(f"# Benchmarks\n\n{intro}\n\n{markdown_table(rows)}\n\n## What each figure is\n\n"
-                   f"{_paragraphs(*methods)}\n")
+        "those cores. The previous column is the result the run before this one wrote here, when it was of the "
+        "same size.")
+    return (f"# Benchmarks\n\n{intro}\n\n{markdown_table(rows, previous)}\n\n## What each figure is\n\n"
+            f"{_paragraphs(*methods)}\n")
+
+
+def write_doc(rows: list[Row], previous: Previous, size: Size, scrape_interval: float, methods: list[str]) -> Path:
+    DOC.write_text(page(rows, previous, size, scrape_interval, methods))
     return DOC
