@@ -53,7 +53,7 @@ RULES: list[Obj] = [
     {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"],
      "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
 ]
 
 
@@ -241,7 +241,8 @@ def test_default_operator_is_one_hardened_standalone_deployment(helm_path: Path)
                                             "capabilities": {"drop": ["ALL"]}}
     assert container["command"] == ["vllm-operator"]
     assert container["args"] == ["run", "--log-format=json", "--log-level=info", "--metrics-port=8080",
-                                 "--health-port=8081", "--scrape-interval=15", "--scrape-timeout=5", "--workers=32"]
+                                 "--health-port=8081", "--scrape-interval=15", "--scrape-timeout=5", "--workers=32",
+                                 "--kube-api-qps=500", "--kube-api-burst=1000"]
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert {"name": "health", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
@@ -275,6 +276,7 @@ def test_every_option_lands_where_it_belongs(helm_path: Path) -> None:
     assert lease_role["metadata"]["name"] == "llm-operator-everything-leader-election"
     assert lease_role["rules"] == lease_rules("llm-operator-everything")
     assert "--scrape-interval=2.5" in container["args"] and "--log-level=debug" in container["args"]
+    assert {"--kube-api-qps=50.5", "--kube-api-burst=100"} <= set(container["args"])
     assert container["image"] == "registry.example.com/vllm-operator:0.1.0-test"
     assert pod["priorityClassName"] == "ml-platform-critical"
     assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"} and pod["tolerations"] and pod["affinity"]
@@ -315,10 +317,10 @@ def may_patch_disruption_budgets(cluster: Cluster, namespace: str, account: str)
 
 
 def small_on_gpus(name: str, replicas: int) -> Obj:
-    """The H100 example, renamed, with a small cache so the simulated nodes can hold several."""
+    """The H100 example, renamed, with a small cache that replicas on several nodes can share."""
     manifest = llmd.example("llama3-8b-h100")
     manifest["metadata"]["name"] = name
-    manifest["spec"]["cache"]["size"] = "1Gi"
+    manifest["spec"]["cache"].update(size="1Gi", accessMode="ReadWriteMany")
     manifest["spec"]["replicas"] = replicas
     return manifest
 

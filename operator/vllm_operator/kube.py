@@ -1,21 +1,45 @@
 """A small asynchronous Kubernetes API client for the few calls the reconciler makes.
 
 kopf does the watching; writes go through here so that many LLMDeployments reconcile
-concurrently over one pooled connection set, without a thread per request.
+concurrently over one pooled connection set, without a thread per request. It retries what the
+apiserver asks to be retried (429, and 503 with Retry-After), keeps to a client-side rate limit,
+renews expired or refused tokens, and counts repeated Events on the Event already posted.
+
+Why our own and not a library: measured against the local apiserver (2 cores) in one run, each
+client in a process of its own after the imports the operator has anyway (kopf, kubernetes), 32
+requests in flight over 16 connections; 2,000 server-side applies (force) of the operator's own
+Deployment manifest to 100 existing objects, then 2,000 GETs of them; median of 3 runs:
+
+    client                       CPU per apply   CPU per GET   peak RSS
+    this one                     0.43 ms         0.27 ms        70.5 MiB
+    this one, before this change 0.42 ms         0.28 ms        70.3 MiB
+    kubernetes_asyncio 36.1.0    1.05 ms         0.69 ms       102.9 MiB
+    lightkube 1.0.1              0.97 ms         0.72 ms        75.0 MiB
+
+Both libraries were used at their leanest for a facade like this one: kubernetes_asyncio's generic
+call_api returning plain dicts, lightkube's lazily decoded models. They cost 2.3 to 2.7 times the CPU
+per request; kubernetes_asyncio also adds 32 MiB, because kopf imports it, with all of its models,
+whenever it is installed. Neither retries a 429 or limits its own rate, so those would still be ours.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import ssl
+import time
 import uuid
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
 import aiohttp
 import kubernetes
+from kubernetes.config import kube_config
+from kubernetes.config.dateutil import parse_rfc3339
 
 from vllm_operator import __version__, api
 
@@ -49,15 +73,28 @@ class Credentials:
     host: str
     ssl_context: ssl.SSLContext | bool
     configuration: kubernetes.client.Configuration
+    kubeconfig: str | None = None  # what they were loaded from, to load them again
+    expires: float | None = None  # when an exec plugin's token expires (epoch seconds); None: never said
 
     @classmethod
     def load(cls, kubeconfig: str | None = None) -> Credentials:
         """In-cluster credentials when running in a Pod, the kubeconfig otherwise."""
         configuration = kubernetes.client.Configuration()
+        expires = None
         try:
+            # Its refresh hook re-reads the projected token, which the kubelet rotates, once a minute;
+            # headers() runs it for every request.
             kubernetes.config.load_incluster_config(client_configuration=configuration)
         except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+            # The loader that load_kube_config() hides: only it knows when an exec plugin's token expires.
+            loader = kube_config._get_kube_config_loader(
+                filename=kubeconfig or kube_config.KUBE_CONFIG_DEFAULT_LOCATION, persist_config=True)
+            loader.load_and_set(configuration)
+            # Not its hook: that runs the exec plugin on the event loop, and for every request once the token
+            # is within five minutes of expiry. Kube loads expired credentials again itself, in a thread.
+            configuration.refresh_api_key_hook = None
+            expiry = getattr(loader, "expiry", None)
+            expires = parse_rfc3339(expiry).timestamp() if expiry else None
         context: ssl.SSLContext | bool
         if configuration.verify_ssl:
             context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
@@ -65,13 +102,15 @@ class Credentials:
                 context.load_cert_chain(configuration.cert_file, configuration.key_file)
         else:
             context = False
-        return cls(configuration.host.rstrip("/"), context, configuration)
+        return cls(configuration.host.rstrip("/"), context, configuration, kubeconfig, expires)
 
     def headers(self) -> dict[str, str]:
-        # Called per request: the in-cluster token rotates and the client's hook re-reads it.
         # Client versions differ in the key name; the value already carries "Bearer ".
         token = self.configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
         return {"Authorization": token} if token else {}
+
+    def expired(self, now: float) -> bool:
+        return self.expires is not None and now >= self.expires
 
 
 def object_path(kind: str, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
@@ -88,12 +127,132 @@ def object_path(kind: str, namespace: str, name: str | None = None, subresource:
 # the pool, limits how fast writes go: 64 connections cost as much memory as the stores of 1,000 LLMDeployments.
 DEFAULT_CONNECTIONS = 16
 
+# Attempts of one request that the apiserver turns away with 429 (priority and fairness) or 503 with a
+# Retry-After, and the longest wait between two: a reconcile that gives up is retried later anyway.
+RETRY_ATTEMPTS = 4
+RETRY_AFTER_CAP = 10.0
+# The wait when a 429 names none (the apiserver always does; a proxy in front of it may not).
+DEFAULT_RETRY_AFTER = 1.0
+
+
+def retry_delay(status: int, retry_after: str | None) -> float | None:
+    """Seconds to wait before sending a refused request again; None: it is not to be retried."""
+    if status != 429 and not (status == 503 and retry_after is not None):
+        return None
+    try:
+        seconds = float(int(retry_after)) if retry_after is not None else DEFAULT_RETRY_AFTER
+    except ValueError:  # an HTTP date, which an apiserver never sends
+        seconds = DEFAULT_RETRY_AFTER
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP)
+
+
+class TokenBucket:
+    """client-go's client-side rate limit: ``burst`` requests at once, then ``qps`` a second.
+
+    A caller that finds the bucket empty takes a token on credit and sleeps until it is due, so
+    waiters go in the order they came, without polling.
+    """
+
+    def __init__(self, qps: float, burst: int) -> None:
+        self._qps = qps
+        self._burst = burst
+        self._tokens = float(burst)
+        self._stamp = -math.inf  # full from the start, whatever the clock reads
+
+    def reserve(self, now: float) -> float:
+        """Take a token at ``now`` (seconds); how long to wait before using it."""
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._qps)
+        self._stamp = now
+        self._tokens -= 1
+        return max(0.0, -self._tokens / self._qps)
+
+    def cancel(self) -> None:
+        """Give back a token taken by a caller that stopped waiting for it."""
+        self._tokens += 1
+
+    async def acquire(self) -> None:
+        delay = self.reserve(time.monotonic())
+        if delay:
+            try:
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                self.cancel()
+                raise
+
+
+# client-go's EventCorrelator: a repeat within ten minutes counts on the Event already posted; it
+# remembers 4,096 Events, the least recently posted forgotten first.
+EVENT_WINDOW = 600.0
+EVENT_LOG_SIZE = 4096
+
+
+@dataclass(eq=False)
+class PostedEvent:
+    name: str = ""  # of the Event object, once created
+    count: int = 0
+    last: float = -math.inf  # monotonic time of the last post
+    # A repeat waits for the post before it: a second create while the first is in flight would duplicate.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class EventLog:
+    """The Events posted recently, by what makes two of them the same."""
+
+    def __init__(self, size: int = EVENT_LOG_SIZE, window: float = EVENT_WINDOW) -> None:
+        self._size = size
+        self._window = window
+        self._posted: OrderedDict[Hashable, PostedEvent] = OrderedDict()
+
+    def entry(self, key: Hashable, now: float) -> PostedEvent:
+        """The record to count a post of ``key`` at ``now`` on: a fresh one after a quiet window."""
+        posted = self._posted.pop(key, None)
+        if posted is None or now - posted.last > self._window:
+            posted = PostedEvent()
+        posted.last = now
+        self._posted[key] = posted
+        if len(self._posted) > self._size:
+            self._posted.popitem(last=False)
+        return posted
+
+
+def _timestamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    text: str
+    reason: str
+    retry_after: str | None
+
+    def result(self, method: str, path: str) -> dict[str, Any]:
+        """The JSON object the apiserver answered, or its refusal as a KubeError."""
+        try:
+            payload = json.loads(self.text) if self.text else {}
+        except ValueError:  # a proxy's error page, say
+            payload = None
+        if self.status >= 400:
+            if not isinstance(payload, dict):
+                payload = {}
+            causes = tuple(c.get("reason", "") for c in (payload.get("details") or {}).get("causes") or [])
+            message = payload.get("message") or self.text or self.reason
+            raise KubeError(self.status, message, payload.get("reason", ""), causes)
+        if not isinstance(payload, dict):
+            raise KubeError(self.status, f"{method} {path}: the answer is not a JSON object: {self.text[:200]}")
+        return payload
+
 
 class Kube:
-    def __init__(self, credentials: Credentials, max_connections: int = DEFAULT_CONNECTIONS) -> None:
+    def __init__(self, credentials: Credentials, max_connections: int = DEFAULT_CONNECTIONS,
+                 qps: float | None = None, burst: int | None = None) -> None:
+        """``qps`` and ``burst`` limit the requests sent (``burst`` defaults to a second's worth); no qps, no limit."""
         self._credentials = credentials
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._limit = TokenBucket(qps, burst or max(1, math.ceil(qps))) if qps else None
+        self._reloading = asyncio.Lock()
+        self._events = EventLog()
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -109,30 +268,53 @@ class Kube:
         if self._session is not None:
             await self._session.close()
 
+    async def _reload(self, stale: Credentials) -> Credentials:
+        """Credentials loaded again, once for all the requests that found ``stale`` expired or refused.
+
+        Only the token changes: the connections keep the TLS identity they were opened with.
+        """
+        async with self._reloading:
+            if self._credentials is stale:
+                try:
+                    # An exec plugin may take a second; the event loop must not wait for it.
+                    self._credentials = await asyncio.to_thread(Credentials.load, stale.kubeconfig)
+                except (kubernetes.config.ConfigException, OSError) as exc:
+                    raise KubeError(0, f"loading the credentials again failed: {exc}") from exc
+            return self._credentials
+
+    async def _send(self, method: str, path: str, data: str | None, params: Mapping[str, str] | None,
+                    content_type: str, credentials: Credentials) -> _Answer:
+        headers = {**credentials.headers(), "Content-Type": content_type, "Accept": "application/json"}
+        try:
+            async with self._client().request(method, path, data=data, params=params, headers=headers) as response:
+                return _Answer(response.status, await response.text(), response.reason or "",
+                               response.headers.get("Retry-After"))
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise KubeError(0, f"{method} {path}: {exc or type(exc).__name__}") from exc
+
     async def request(
         self, method: str, path: str, body: Any = None, params: Mapping[str, str] | None = None,
         content_type: str = "application/json",
     ) -> dict[str, Any]:
-        headers = {**self._credentials.headers(), "Content-Type": content_type, "Accept": "application/json"}
         data = None if body is None else json.dumps(body)
-        try:
-            async with self._client().request(method, path, data=data, params=params, headers=headers) as response:
-                text = await response.text()
-                try:
-                    payload = json.loads(text) if text else {}
-                except ValueError:  # a proxy's error page, say
-                    payload = None
-                if response.status >= 400:
-                    if not isinstance(payload, dict):
-                        payload = {}
-                    causes = tuple(c.get("reason", "") for c in (payload.get("details") or {}).get("causes") or [])
-                    message = payload.get("message") or text or response.reason or ""
-                    raise KubeError(response.status, message, payload.get("reason", ""), causes)
-                if not isinstance(payload, dict):
-                    raise KubeError(response.status, f"{method} {path}: the answer is not a JSON object: {text[:200]}")
-                return payload
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise KubeError(0, f"{method} {path}: {exc or type(exc).__name__}") from exc
+        attempts, reloaded = 0, False
+        while True:
+            credentials = self._credentials
+            if credentials.expired(time.time()):
+                credentials = await self._reload(credentials)
+            if self._limit is not None:
+                await self._limit.acquire()  # every attempt, as client-go: a retry is a request too
+            answer = await self._send(method, path, data, params, content_type, credentials)
+            attempts += 1
+            if answer.status == 401 and not reloaded:
+                # Revoked, or expired sooner than it said: new credentials, one more try.
+                reloaded = True
+                await self._reload(credentials)
+                continue
+            delay = retry_delay(answer.status, answer.retry_after)
+            if delay is None or attempts >= RETRY_ATTEMPTS:
+                return answer.result(method, path)
+            await asyncio.sleep(delay)
 
     async def apply(self, manifest: Mapping[str, Any], subresource: str | None = None) -> dict[str, Any]:
         """Server-side apply under the operator's field manager, taking over conflicting fields."""
@@ -175,27 +357,42 @@ class Kube:
         )
 
     async def post_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        """Record an Event; the same one again within the window counts up on the Event already posted."""
         meta = involved["metadata"]
-        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
-            "involvedObject": {
-                "apiVersion": involved.get("apiVersion"),
-                "kind": involved.get("kind"),
-                "name": meta["name"],
-                "namespace": meta["namespace"],
-                "uid": meta.get("uid"),
-                "resourceVersion": meta.get("resourceVersion"),
-            },
-            "type": type_,
-            "reason": reason,
-            "message": message[:1024],
-            "source": {"component": FIELD_MANAGER},
-            "reportingComponent": FIELD_MANAGER,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
-        await self.create(event)
+        namespace, message = meta["namespace"], message[:1024]
+        posted = self._events.entry((meta.get("uid"), namespace, meta["name"], type_, reason, message),
+                                    time.monotonic())
+        async with posted.lock:
+            now = _timestamp()
+            if posted.name:
+                try:
+                    await self.request("PATCH", object_path("Event", namespace, posted.name),
+                                       body={"count": posted.count + 1, "lastTimestamp": now},
+                                       content_type="application/merge-patch+json")
+                    posted.count += 1
+                    return
+                except KubeError as exc:
+                    if exc.status != 404:  # 404: gone (the apiserver keeps Events for an hour): post anew
+                        raise
+            created = await self.create({
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": namespace},
+                "involvedObject": {
+                    "apiVersion": involved.get("apiVersion"),
+                    "kind": involved.get("kind"),
+                    "name": meta["name"],
+                    "namespace": namespace,
+                    "uid": meta.get("uid"),
+                    "resourceVersion": meta.get("resourceVersion"),
+                },
+                "type": type_,
+                "reason": reason,
+                "message": message,
+                "source": {"component": FIELD_MANAGER},
+                "reportingComponent": FIELD_MANAGER,
+                "firstTimestamp": now,
+                "lastTimestamp": now,
+                "count": 1,
+            })
+            posted.name, posted.count = created["metadata"]["name"], 1

@@ -100,10 +100,10 @@ does not exist yet. Reads are watches (kopf) and never need more than get/list/w
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
-# Events are only posted, never updated.
+# Events are posted; a repeat within ten minutes counts up on the Event already posted.
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, patch]
 {{- end }}
 
 {{/*
