@@ -14,7 +14,7 @@ from bench.sizes import Size
 from bench.tracker import Tracker
 from vllm_operator.api import LLMDeploymentSpec
 from vllm_operator.kube import object_path
-from vllm_operator.manifests import SELECTOR_LABEL, Owner, children
+from vllm_operator.render.manifests import SELECTOR_LABEL, Owner, children
 
 # On 2 cores the control plane itself is the limit, so the target is relative to its floor in the same run.
 TARGET_RATIO = 1.2

@@ -17,8 +17,8 @@ from bench.sizes import Size
 from devcluster import engine
 from devcluster.cluster import REPO_ROOT
 from devcluster.prefill import claim_folder, prefill_model_cache
-from vllm_operator.engine_args import CACHE_MOUNT, ENGINE_PORT, VLLM_CACHE_ROOT
-from vllm_operator.manifests import SELECTOR_LABEL, cache_claim_name
+from vllm_operator.render.engine_args import CACHE_MOUNT, ENGINE_PORT, VLLM_CACHE_ROOT
+from vllm_operator.render.manifests import SELECTOR_LABEL, cache_claim_name
 
 NAMESPACE = "bench-engine"
 EXAMPLE = REPO_ROOT / "examples" / "cpu-tiny.yaml"

@@ -12,7 +12,7 @@ from typing import Any
 from bench.kube import BenchKube, Obj, llmdeployment_path
 from vllm_operator.api import LLMDeploymentSpec
 from vllm_operator.kube import object_path
-from vllm_operator.manifests import SELECTOR_LABEL, Owner, children
+from vllm_operator.render.manifests import SELECTOR_LABEL, Owner, children
 
 
 def expected_children(manifest: Mapping[str, Any]) -> frozenset[str]:

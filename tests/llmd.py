@@ -12,7 +12,7 @@ from kubernetes.client.exceptions import ApiException
 
 from devcluster.pytest_plugin import wait_for
 from vllm_operator import api
-from vllm_operator.manifests import SELECTOR_LABEL
+from vllm_operator.render.manifests import SELECTOR_LABEL
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 Obj = dict[str, Any]

@@ -28,7 +28,7 @@ from devcluster.pytest_plugin import Cluster, wait_for
 from devcluster.serviceaccount import service_account_kubeconfig
 from vllm_operator import api
 from vllm_operator.api import LLMDeploymentSpec
-from vllm_operator.manifests import Owner, cache_claim_name, deployment
+from vllm_operator.render.manifests import Owner, cache_claim_name, deployment
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "vllm-operator"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from vllm_operator.controller import LAST_APPLIED, Controller, Key, WorkQueue, conflict_message, retry_delay, slim
-from vllm_operator.manifests import Owner
+from vllm_operator.reconcile.controller import LAST_APPLIED, Controller, Key, WorkQueue, conflict_message, retry_delay, slim
+from vllm_operator.render.manifests import Owner
 
 
 def watched(kind: str) -> dict:

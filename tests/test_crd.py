@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from vllm_operator import crd
+from vllm_operator.api import crd
 
 REPO = Path(__file__).resolve().parents[1]
 

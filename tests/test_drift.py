@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 
 from vllm_operator.api import LLMDeploymentSpec
-from vllm_operator.drift import APPLIED_HASH, matches, owned, stamped
-from vllm_operator.manifests import Owner, children
+from vllm_operator.reconcile.drift import APPLIED_HASH, matches, owned, stamped
+from vllm_operator.render.manifests import Owner, children
 
 OWNER = Owner("llama", "ai", "uid-1")
 

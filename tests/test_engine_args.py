@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from vllm_operator.api import LLMDeploymentSpec
-from vllm_operator.engine_args import engine_args, engine_env
-from vllm_operator.scraper import KEEPALIVE_SECONDS
-from vllm_operator.vllm_flags import REMOVED_FLAGS, catalog, extra_args_errors
+from vllm_operator.render.engine_args import engine_args, engine_env
+from vllm_operator.engines.scrape import KEEPALIVE_SECONDS
+from vllm_operator.render.vllm_flags import REMOVED_FLAGS, catalog, extra_args_errors
 
 
 def spec(**overrides: Any) -> LLMDeploymentSpec:

@@ -12,7 +12,7 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from vllm_operator.engine_metrics import (
+from vllm_operator.engines.metrics import (
     Counter,
     EngineSample,
     EngineStats,

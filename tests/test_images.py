@@ -12,7 +12,7 @@ import dockerfile
 import pytest
 import yaml
 
-from vllm_operator.profiles import PROFILES
+from vllm_operator.render.profiles import PROFILES
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = sorted((REPO / "images").glob("*/Dockerfile"))

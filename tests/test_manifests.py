@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from vllm_operator.api import LLMDeploymentSpec
-from vllm_operator.manifests import STARTUP_PROBE_BUDGET_SECONDS, Owner, children, deployment, endpoint
+from vllm_operator.render.manifests import STARTUP_PROBE_BUDGET_SECONDS, Owner, children, deployment, endpoint
 
 OWNER = Owner("llama", "ai", "uid-1")
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))

@@ -14,7 +14,7 @@ from kubernetes.client.exceptions import ApiException
 import llmd
 from devcluster.operatorproc import OperatorProcess
 from devcluster.pytest_plugin import Cluster, wait_for
-from vllm_operator.manifests import cache_claim_name
+from vllm_operator.render.manifests import cache_claim_name
 
 pytestmark = pytest.mark.cluster
 

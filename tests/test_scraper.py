@@ -13,10 +13,10 @@ from typing import Any
 
 from aiohttp import web
 
-from vllm_operator.controller import Key
-from vllm_operator.engine_metrics import EngineStats, parse_sample
-from vllm_operator.engine_monitor import EngineMonitor
-from vllm_operator.scraper import Failure, MetricsScraper, ScrapeResult, ScrapeState, judge_health
+from vllm_operator.reconcile.controller import Key
+from vllm_operator.engines.metrics import EngineStats, parse_sample
+from vllm_operator.engines.monitor import EngineMonitor
+from vllm_operator.engines.scrape import Failure, MetricsScraper, ScrapeResult, ScrapeState, judge_health
 
 DATA = Path(__file__).parent / "data" / "vllm-0.32.0"
 BUSY = (DATA / "metrics-busy.txt").read_text()

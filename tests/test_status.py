@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm_operator.drift import matches
-from vllm_operator.status import Observation, compute_status, status_changed, status_events
+from vllm_operator.reconcile.drift import matches
+from vllm_operator.reconcile.status import Observation, compute_status, status_changed, status_events
 
 NOW = "2026-01-01T00:00:00Z"
 LATER = "2026-01-01T00:05:00Z"

@@ -16,7 +16,7 @@ import llmd
 from devcluster.operatorproc import OperatorProcess
 from devcluster.pytest_plugin import Cluster, wait_for
 from vllm_operator import api
-from vllm_operator.manifests import SELECTOR_LABEL, cache_claim_name
+from vllm_operator.render.manifests import SELECTOR_LABEL, cache_claim_name
 from test_reconcile_e2e import apps, core, read_or_none, small
 
 pytestmark = pytest.mark.cluster

@@ -1,12 +1,14 @@
 """``make demo``: the whole user path on one machine, with real vLLM.
 
-    python -m devcluster.demo up      # cluster, Helm chart, operator, tiny model, Ready, a chat completion
+    python -m devcluster.demo up      # cluster, Helm chart, operator, Prometheus, tiny model, Ready, a chat completion
     python -m devcluster.demo down    # stop everything the demo started and remove .demo/
 
 The demo keeps to itself: its own state folder (``.demo/``), ports (base 17400) and Pod range
 (127.72.0.0/16), so it runs beside the test cluster; ``VLLM_OPERATOR_DEMO_DIR``,
 ``VLLM_OPERATOR_DEMO_PORT_BASE`` and ``VLLM_OPERATOR_DEMO_POD_CIDR`` move them. The operator runs as a local process under the chart's ServiceAccount,
-so it has exactly the rights ``helm install`` grants on a real cluster.
+so it has exactly the rights ``helm install`` grants on a real cluster. Prometheus (built by ``make binaries``)
+scrapes the engines as the chart's PodMonitor would have it and the operator as its ServiceMonitor would, and
+evaluates the chart's alert rules (see ``devcluster.monitoring``).
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 
-from devcluster import binaries, engine
+from devcluster import binaries, engine, monitoring
 from devcluster.cluster import REPO_ROOT, ClusterError, LocalCluster, Ports, Process
 from devcluster.operatorproc import free_port, operator_command, operator_env, wait_healthy
 from devcluster.prefill import prefill_model_cache
 from devcluster.serviceaccount import service_account_kubeconfig
 from vllm_operator import api
-from vllm_operator.manifests import SELECTOR_LABEL
+from vllm_operator.render.manifests import SELECTOR_LABEL
 
 # Overridable so a test can run a second demo beside a user's.
 DEMO_DIR = Path(os.environ.get("VLLM_OPERATOR_DEMO_DIR", REPO_ROOT / ".demo")).resolve()
@@ -51,6 +53,8 @@ CHART = REPO_ROOT / "charts" / "vllm-operator"
 MIN_AVAILABLE_GIB = 4.0
 READY_TIMEOUT = 420.0
 SCRAPE_INTERVAL = 5
+# Prometheus' usual 9090 is taken by the cluster's simulated-engines port (base + 90).
+PROMETHEUS_PORT = PORT_BASE + 91
 HEARTBEAT_SECONDS = 10
 
 
@@ -66,6 +70,7 @@ class Demo:
     def __post_init__(self) -> None:
         self.cluster = LocalCluster(self.state_dir / "cluster", Ports(PORT_BASE), POD_CIDR)
         self.operator = Process("operator", self.state_dir)
+        self.prometheus = Process("prometheus", self.state_dir)
         self.started = time.monotonic()
         self.timings: list[tuple[str, float]] = []
 
@@ -109,6 +114,8 @@ class Demo:
             service_account = self._helm_install(api_client)
         with self.step(f"operator, authenticated as ServiceAccount {OPERATOR_NAMESPACE}/{service_account}"):
             metrics_port = self._start_operator(api_client, service_account)
+        with self.step("Prometheus, scraping what the chart's PodMonitor and ServiceMonitor select"):
+            prometheus_url = self._start_prometheus(metrics_port)
         name = yaml.safe_load(EXAMPLE.read_text())["metadata"]["name"]
         with self.step(f"kubectl apply -f {EXAMPLE.relative_to(REPO_ROOT)} (and pre-fill its model cache)"):
             self.kubectl("apply", "-n", NAMESPACE, "-f", str(EXAMPLE))
@@ -121,7 +128,9 @@ class Demo:
         with self.step("a chat completion through the OpenAI API"):
             pod_ip = self._pod_ip(api_client, name)
             self._chat(pod_ip, name)
-        self._summary(name, pod_ip, metrics_port)
+        with self.step("the engine's and the operator's series in Prometheus"):
+            self._wait_series(prometheus_url, name)
+        self._summary(name, pod_ip, metrics_port, prometheus_url)
 
     def _preflight(self) -> None:
         available = _mem_available_gib()
@@ -163,9 +172,33 @@ class Demo:
             wait_healthy(popen, health_port, self.operator.log)
         except RuntimeError as exc:
             raise DemoError(str(exc)) from None
-        (self.state_dir / "demo.json").write_text(json.dumps({"metrics_port": metrics_port}) + "\n")
         self.out(f"    pid {popen.pid}, log {self.operator.log}, metrics http://127.0.0.1:{metrics_port}/metrics")
         return metrics_port
+
+    def _start_prometheus(self, metrics_port: int) -> str:
+        objects = monitoring.render(binaries.path_of("helm"), RELEASE, OPERATOR_NAMESPACE)
+        folder = self.state_dir / "prometheus"
+        folder.mkdir(parents=True, exist_ok=True)
+        rules, config = folder / "rules.yaml", folder / "prometheus.yml"
+        rules.write_text(yaml.safe_dump(monitoring.rule_file(objects), sort_keys=False))
+        config.write_text(yaml.safe_dump(monitoring.prometheus_config(
+            objects, self.kubeconfig, f"127.0.0.1:{metrics_port}", SCRAPE_INTERVAL, rules), sort_keys=False))
+        if self.prometheus.pid() is not None:
+            self.prometheus.stop()  # a rerun scrapes the new operator's port
+        url = f"http://127.0.0.1:{PROMETHEUS_PORT}"
+        popen = self.prometheus.start([
+            str(binaries.path_of("prometheus")), f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
+            f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}", "--storage.tsdb.retention.time=1d"])
+        deadline = time.monotonic() + 60
+        while not _answers(f"{url}/-/ready"):
+            if popen.poll() is not None or time.monotonic() > deadline:
+                raise DemoError(f"Prometheus did not become ready: {self.prometheus.last_line()}; "
+                                f"see {self.prometheus.log}")
+            time.sleep(0.5)
+        (self.state_dir / "demo.json").write_text(
+            json.dumps({"metrics_port": metrics_port, "prometheus_url": url}) + "\n")
+        self.out(f"    Prometheus: {url}  (pid {popen.pid}, config {config}, log {self.prometheus.log})")
+        return url
 
     def _wait_ready(self, api_client: client.ApiClient, name: str) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
@@ -202,6 +235,22 @@ class Demo:
         while time.monotonic() < deadline and "engine" not in ((_get(api_client, name) or {}).get("status") or {}):
             time.sleep(0.5)
 
+    def _wait_series(self, url: str, name: str) -> None:
+        selector = f'namespace="{NAMESPACE}", llmdeployment="{name}"'
+        wanted = (f"vllm:num_requests_running{{{selector}}}", f"vllm_operator_llmdeployment_phase{{{selector}}}",
+                  "vllm_operator_leader")
+        deadline = time.monotonic() + 6 * SCRAPE_INTERVAL
+        while not all(found := {expr: monitoring.query(url, expr) for expr in wanted}.values()):
+            if time.monotonic() > deadline:
+                missing = [expr for expr, series in found.items() if not series]
+                raise DemoError(f"Prometheus has no {missing}; its targets: {url}/api/v1/targets")
+            time.sleep(1)
+        for expr, series in found.items():
+            self.out(f"    $ curl -s '{url}/api/v1/query' --data-urlencode 'query={expr}'")
+            for one in series:
+                labels = ", ".join(f'{k}="{v}"' for k, v in sorted(one["metric"].items()) if k != "__name__")
+                self.out(f"    {one['metric']['__name__']}{{{labels}}} {one['value'][1]}")
+
     def _pod_ip(self, api_client: client.ApiClient, name: str) -> str:
         pods = client.CoreV1Api(api_client).list_namespaced_pod(
             NAMESPACE, label_selector=f"{SELECTOR_LABEL}={name}").items
@@ -229,7 +278,7 @@ class Demo:
         if after <= before:
             raise DemoError("vllm:generation_tokens_total did not rise; the answer did not come from this engine")
 
-    def _summary(self, name: str, pod_ip: str, metrics_port: int) -> None:
+    def _summary(self, name: str, pod_ip: str, metrics_port: int, prometheus_url: str) -> None:
         total = time.monotonic() - self.started
         self.out("\nStep timings:")
         for title, took in self.timings:
@@ -243,18 +292,22 @@ The demo is still running. Try:
   curl -s http://{pod_ip}:8000/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": 16}}'
   curl -s http://127.0.0.1:{metrics_port}/metrics | grep vllm_operator   # the operator's own metrics
+  curl -s {prometheus_url}/api/v1/query --data-urlencode 'query=vllm:num_requests_running'   # Prometheus
+  make screenshot                          # the chart's dashboard, drawn from this Prometheus under load
   make demo-down                           # stop everything and remove .demo/""")
 
     # -- teardown ------------------------------------------------------------------------------
 
     def stop_processes(self) -> None:
+        self.prometheus.stop()
         self.operator.stop()
         self.cluster.down(lambda line: None)
 
     def down(self) -> None:
-        pid = self.operator.stop()
-        if pid is not None:
-            self.out(f"stopped the operator (pid {pid})")
+        for process in (self.prometheus, self.operator):
+            pid = process.stop()
+            if pid is not None:
+                self.out(f"stopped {process.name} (pid {pid})")
         self.cluster.down(self.out)
         if self.state_dir.exists():
             shutil.rmtree(self.state_dir)
@@ -281,6 +334,14 @@ def _generation_tokens(pod_ip: str) -> float:
         text = response.read().decode()
     return sum(sample.value for family in text_string_to_metric_families(text)
                for sample in family.samples if sample.name == "vllm:generation_tokens_total")
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
 
 
 def _last_line(path: str, limit: int = 110) -> str:

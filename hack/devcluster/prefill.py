@@ -11,8 +11,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from devcluster import engine
-from vllm_operator.engine_args import CACHE_MOUNT, HF_HOME
-from vllm_operator.manifests import cache_claim_name
+from vllm_operator.render.engine_args import CACHE_MOUNT, HF_HOME
+from vllm_operator.render.manifests import cache_claim_name
 
 TIMEOUT = (5, 30)
 

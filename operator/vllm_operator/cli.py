@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run" and args.leader_elect and not args.leader_election_namespace:
         parser.error("--leader-elect needs --leader-election-namespace (or $POD_NAMESPACE)")
     if args.command == "crds":
-        from vllm_operator import crd
+        from vllm_operator.api import crd
 
         if args.write:
             for path in crd.write(args.root):

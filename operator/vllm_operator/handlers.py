@@ -14,11 +14,11 @@ import kopf
 from prometheus_client import start_http_server
 
 from vllm_operator import api, observability
-from vllm_operator.controller import Controller
-from vllm_operator.engine_monitor import EngineMonitor
+from vllm_operator.reconcile.controller import Controller
+from vllm_operator.engines.monitor import EngineMonitor
 from vllm_operator.kube import Credentials, Kube
 from vllm_operator.leader import LeaderElector
-from vllm_operator.manifests import SELECTOR_LABEL
+from vllm_operator.render.manifests import SELECTOR_LABEL
 
 
 @dataclass
@@ -26,6 +26,9 @@ class RunOptions:
     kubeconfig: str | None = None
     metrics_port: int = 8080
     workers: int = 32
+    # Client-side limit of the reconciler's apiserver requests (cli.py says why this high).
+    kube_qps: float = 500.0
+    kube_burst: int = 1000
     scrape_interval: float = 15.0
     scrape_timeout: float = 5.0
     scrape_concurrency: int = 64
@@ -76,7 +79,7 @@ async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
     if OPTIONS.metrics_port:
         start_http_server(OPTIONS.metrics_port)
     credentials = Credentials.load(OPTIONS.kubeconfig)
-    kube = Kube(credentials)
+    kube = Kube(credentials, qps=OPTIONS.kube_qps, burst=OPTIONS.kube_burst)
     controller = Controller(kube)
     clients = [kube]
     if OPTIONS.leader_election_namespace:
@@ -146,3 +149,9 @@ async def claim_changed(event: kopf.RawEvent, **_: Any) -> None:
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=_OWNED)
 async def disruption_budget_changed(event: kopf.RawEvent, **_: Any) -> None:
     _controller().observe_child("PodDisruptionBudget", event["type"], event["object"])
+
+
+@kopf.on.event("apps", "v1", "replicasets", labels=_OWNED)
+async def replica_set_changed(event: kopf.RawEvent, **_: Any) -> None:
+    # Only to follow owner references from the engine Deployment to its Pods.
+    _controller().observe_child("ReplicaSet", event["type"], event["object"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import sys
 import time
 from collections.abc import Mapping
@@ -21,27 +20,21 @@ from pydantic import ValidationError
 
 from vllm_operator import api, observability
 from vllm_operator.api import LLMDeploymentSpec
-from vllm_operator.drift import controller_uid, matches, owned, stamped
-from vllm_operator.engine_args import ENGINE_PORT, served_model_name
-from vllm_operator.engine_metrics import EngineStats
+from vllm_operator.engines.metrics import EngineStats
 from vllm_operator.kube import Kube, KubeError
-from vllm_operator.manifests import SELECTOR_LABEL, ChildKey, Manifest, Owner, children, endpoint
-from vllm_operator.status import Observation, compute_status, status_changed, status_events
+from vllm_operator.reconcile.drift import controller_uid, matches, owned, stamped
+from vllm_operator.reconcile.queue import Key, WorkQueue, retry_delay
+from vllm_operator.reconcile.status import Observation, compute_status, status_changed, status_events
+from vllm_operator.render.engine_args import ENGINE_PORT, served_model_name
+from vllm_operator.render.manifests import SELECTOR_LABEL, ChildKey, Manifest, Owner, children, endpoint
 
-log = logging.getLogger("vllm_operator.controller")
+log = logging.getLogger("vllm_operator.reconcile.controller")
 
-Key = tuple[str, str]  # (namespace, name)
-# A failed reconcile is retried after 5 s, then 10, 20 ... up to 5 minutes, each a little jittered so
-# that a thousand LLMDeployments refused at once do not all come back in the same second.
-RETRY_SECONDS = 5.0
-RETRY_MAX_SECONDS = 300.0
-RETRY_JITTER = 0.2
 # How long a change of a child or of a status waits for the changes that usually follow it.
 SETTLE_SECONDS = 1.0
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 # Longer strings (messages, chat templates) rarely repeat across objects.
 SHARED_STRING_LENGTH = 64
-CHILD_KINDS = ("PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget")
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -52,12 +45,6 @@ def describe_validation_error(error: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         parts.append(f"{location}: {message}")
     return "; ".join(parts)
-
-
-def retry_delay(failures: int, rng: random.Random | None = None) -> float:
-    """Seconds before the next attempt after ``failures`` failed reconciles in a row (1 or more)."""
-    base = min(RETRY_MAX_SECONDS, RETRY_SECONDS * 2 ** min(failures - 1, 16))
-    return min(RETRY_MAX_SECONDS, base * (1 + (rng or random).uniform(-RETRY_JITTER, RETRY_JITTER)))
 
 
 def conflict_message(kind: str, name: str, obj: Mapping[str, Any], owner: Owner) -> str:
@@ -74,53 +61,6 @@ def conflict_message(kind: str, name: str, obj: Mapping[str, Any], owner: Owner)
 
 def now_rfc3339() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-class WorkQueue:
-    """Deduplicating queue: a key waits at most once, and never runs twice at the same time."""
-
-    def __init__(self) -> None:
-        self._queue: asyncio.Queue[Key] = asyncio.Queue()
-        self._waiting: set[Key] = set()
-        self._running: set[Key] = set()
-        self._again: set[Key] = set()
-        self._due_at: dict[Key, float] = {}  # keys waiting to be added, by when
-
-    def add(self, key: Key) -> None:
-        if key in self._running:
-            self._again.add(key)
-        elif key not in self._waiting:
-            self._waiting.add(key)
-            self._queue.put_nowait(key)
-
-    async def get(self) -> Key:
-        key = await self._queue.get()
-        self._waiting.discard(key)
-        self._running.add(key)
-        return key
-
-    def done(self, key: Key) -> None:
-        self._running.discard(key)
-        if key in self._again:
-            self._again.discard(key)
-            self.add(key)
-
-    def add_after(self, key: Key, delay: float) -> None:
-        """Add ``key`` in ``delay`` seconds; calls meanwhile are folded into the earliest of them."""
-        loop = asyncio.get_running_loop()
-        due = loop.time() + delay
-        if key in self._due_at and self._due_at[key] <= due:
-            return
-        self._due_at[key] = due
-        loop.call_at(due, self._due, key, due)
-
-    def _due(self, key: Key, due: float) -> None:
-        if self._due_at.get(key) == due:  # not superseded by an earlier one
-            del self._due_at[key]
-            self.add(key)
-
-    def __len__(self) -> int:
-        return len(self._waiting) + len(self._running)
 
 
 @dataclass(frozen=True)

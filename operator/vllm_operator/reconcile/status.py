@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_operator.engine_metrics import EngineStats
+from vllm_operator.engines.metrics import EngineStats
 
 # Waiting reasons a person must act on: the engine will not come up by itself.
 BLOCKING_WAIT_REASONS = {

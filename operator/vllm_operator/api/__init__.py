@@ -1,7 +1,7 @@
 """The LLMDeployment API (llm.vllm-operator.io/v1alpha1) as pydantic models.
 
 These models are the single source of truth: the operator parses specs with them and
-``vllm_operator.crd`` generates the CRD's OpenAPI schema from them. Rules that span several
+``vllm_operator.api.crd`` generates the CRD's OpenAPI schema from them. Rules that span several
 fields are written twice on purpose, once as CEL (``x-kubernetes-validations``, checked by the
 apiserver at admission) and once in Python (checked by the operator, which reports a condition);
 ``tests/test_invalid_manifests.py`` holds both to the same catalog.
@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-from vllm_operator.engine_metrics import EngineStats
-from vllm_operator.vllm_flags import REMOVED_FLAGS, extra_args_errors, owned_flag_pattern
+from vllm_operator.engines.metrics import EngineStats
+from vllm_operator.render.vllm_flags import REMOVED_FLAGS, extra_args_errors, owned_flag_pattern
 
 GROUP = "llm.vllm-operator.io"
 VERSION = "v1alpha1"

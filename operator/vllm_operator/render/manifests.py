@@ -7,14 +7,14 @@ from typing import Any
 
 from vllm_operator import api
 from vllm_operator.api import LLMDeploymentSpec, parse_model_source
-from vllm_operator.engine_args import (
+from vllm_operator.render.engine_args import (
     CACHE_MOUNT,
     CHAT_TEMPLATE_MOUNT,
     ENGINE_PORT,
     MODEL_MOUNT,
     engine_container,
 )
-from vllm_operator.profiles import profile_for
+from vllm_operator.render.profiles import profile_for
 
 Manifest = dict[str, Any]
 

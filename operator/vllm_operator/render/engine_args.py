@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 
 from vllm_operator.api import KeyRef, LLMDeploymentSpec, parse_model_source
-from vllm_operator.profiles import CPU_KV_CACHE_SPACE_GIB_DEFAULT, AcceleratorProfile, profile_for
+from vllm_operator.render.profiles import CPU_KV_CACHE_SPACE_GIB_DEFAULT, AcceleratorProfile, profile_for
 
 ENGINE_PORT = 8000
 ENGINE_COMMAND = ("python3", "-m", "vllm.entrypoints.openai.api_server")

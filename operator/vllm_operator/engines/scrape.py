@@ -13,8 +13,8 @@ from typing import TypeVar
 
 import aiohttp
 
-from vllm_operator.engine_args import ENGINE_KEEP_ALIVE_SECONDS
-from vllm_operator.engine_metrics import EngineSample, EngineStats, aggregate, parse_sample
+from vllm_operator.render.engine_args import ENGINE_KEEP_ALIVE_SECONDS
+from vllm_operator.engines.metrics import EngineSample, EngineStats, aggregate, parse_sample
 
 # A connection outlives the pause between sweeps, so the next sweep skips the connect: that is about
 # a third of a sweep's CPU. The operator starts engines with a longer keep-alive (engine_args), and

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
-from vllm_operator.vllm_flags import VLLM_VERSION
+from vllm_operator.render.vllm_flags import VLLM_VERSION
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ from datetime import datetime, timezone
 from typing import Protocol
 
 from vllm_operator import observability
-from vllm_operator.controller import Key
-from vllm_operator.engine_metrics import EngineSample, EngineStats
-from vllm_operator.scraper import MetricsScraper, ScrapeState, judge_health
+from vllm_operator.reconcile.controller import Key
+from vllm_operator.engines.metrics import EngineSample, EngineStats
+from vllm_operator.engines.scrape import MetricsScraper, ScrapeState, judge_health
 
 log = logging.getLogger("vllm_operator.engines")
 

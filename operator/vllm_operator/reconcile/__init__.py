@@ -1,0 +1,1 @@
+"""The reconcile loop: watched stores, the work queue, drift and ownership, status and when to write it."""
