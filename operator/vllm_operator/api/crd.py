@@ -150,7 +150,7 @@ def crd() -> dict[str, Any]:
 
 
 def render() -> str:
-    header = "# Generated from vllm_operator/api.py by `make crds`; do not edit.\n"
+    header = "# Generated from vllm_operator/api/__init__.py by `make crds`; do not edit.\n"
     return header + yaml.safe_dump(crd(), sort_keys=False, width=120)
 
 
