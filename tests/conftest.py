@@ -47,7 +47,8 @@ def operator(cluster: Cluster, crd_installed: None, tmp_path_factory: pytest.Tem
     """The operator watching every namespace for one test module, with a short scrape interval."""
     log_file = tmp_path_factory.mktemp("operator") / "operator.log"
     process = OperatorProcess(cluster.kubeconfig, log_file,
-                              ["--scrape-interval", str(TEST_SCRAPE_INTERVAL), "--scrape-timeout", "1.5"])
+                              ["--scrape-interval", str(TEST_SCRAPE_INTERVAL), "--scrape-timeout", "1.5",
+                               "--status-min-interval", str(TEST_SCRAPE_INTERVAL)])
     try:
         process.start()
     except RuntimeError as exc:

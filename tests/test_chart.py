@@ -242,6 +242,7 @@ def test_default_operator_is_one_hardened_standalone_deployment(helm_path: Path)
     assert container["command"] == ["vllm-operator"]
     assert container["args"] == ["run", "--log-format=json", "--log-level=info", "--metrics-port=8080",
                                  "--health-port=8081", "--scrape-interval=15", "--scrape-timeout=5", "--workers=32",
+                                 "--status-min-interval=30", "--status-writes-per-second=100",
                                  "--kube-api-qps=500", "--kube-api-burst=1000"]
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
@@ -276,7 +277,8 @@ def test_every_option_lands_where_it_belongs(helm_path: Path) -> None:
     assert lease_role["metadata"]["name"] == "llm-operator-everything-leader-election"
     assert lease_role["rules"] == lease_rules("llm-operator-everything")
     assert "--scrape-interval=2.5" in container["args"] and "--log-level=debug" in container["args"]
-    assert {"--kube-api-qps=50.5", "--kube-api-burst=100"} <= set(container["args"])
+    assert {"--kube-api-qps=50.5", "--kube-api-burst=100", "--status-min-interval=20",
+            "--status-writes-per-second=40"} <= set(container["args"])
     assert container["image"] == "registry.example.com/vllm-operator:0.1.0-test"
     assert pod["priorityClassName"] == "ml-platform-critical"
     assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"} and pod["tolerations"] and pod["affinity"]

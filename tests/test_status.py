@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_operator.reconcile.drift import matches
-from vllm_operator.reconcile.status import Observation, compute_status, status_changed, status_events
+from vllm_operator.reconcile.status import Observation, compute_status, status_events
+from vllm_operator.reconcile.writes import Change, classify
 
 NOW = "2026-01-01T00:00:00Z"
 LATER = "2026-01-01T00:05:00Z"
@@ -106,15 +107,17 @@ def test_transition_time_kept_while_status_holds() -> None:
     first = compute_status(observe(pod("a", ready=True)), {}, NOW)
     second = compute_status(observe(pod("a", ready=True)), first, LATER)
     assert conditions(second)["Ready"]["lastTransitionTime"] == NOW
-    assert not status_changed(first, second)
+    assert classify(first, second) is Change.NONE
     third = compute_status(observe(pod("a")), second, LATER)
     assert conditions(third)["Ready"]["lastTransitionTime"] == LATER
 
 
 def test_scrape_time_alone_is_no_change() -> None:
-    old = {"phase": "Ready", "engine": {"requestsRunning": 0, "lastScrapeTime": NOW}}
-    assert not status_changed(old, {"phase": "Ready", "engine": {"requestsRunning": 0, "lastScrapeTime": LATER}})
-    assert status_changed(old, {"phase": "Ready", "engine": {"requestsRunning": 1, "lastScrapeTime": LATER}})
+    old = {"phase": "Ready", "engine": {"requestsRunning": 0, "lastScrapeTime": NOW, "observedAt": NOW}}
+    assert classify(old, {"phase": "Ready", "engine": {"requestsRunning": 0, "lastScrapeTime": LATER,
+                                                       "observedAt": LATER}}) is Change.NONE
+    assert classify(old, {"phase": "Ready", "engine": {"requestsRunning": 1, "lastScrapeTime": LATER}}) \
+        is Change.FIGURES
 
 
 def test_events_for_phase_changes_and_new_problems() -> None:
@@ -122,7 +125,7 @@ def test_events_for_phase_changes_and_new_problems() -> None:
     stuck = compute_status(observe(pod("a", phase="Pending", unschedulable="0/4 nodes are available")), loading, NOW)
     events = status_events(loading, stuck)
     assert ("Warning", "Unschedulable", "pod a: 0/4 nodes are available") in events
-    assert any(e[1] == "Pending" for e in events)
+    assert not any(e[1] == "Pending" for e in events), "the way up is routine"
     assert status_events(stuck, stuck) == []
 
 
@@ -136,3 +139,13 @@ def test_drift_ignores_defaults_and_compares_quantities_by_value() -> None:
     assert not matches({"spec": {"ports": [{"port": 81}]}}, have)
     assert not matches({"spec": {"image": "a:1"}}, {"spec": {"image": "a:2"}})
     assert not matches({"spec": {"args": ["--x"]}}, {"spec": {"args": ["--x", "--y"]}})
+
+
+def test_a_new_llmdeployment_that_comes_up_is_one_phase_event() -> None:
+    steps = [compute_status(observe(pod("a", phase="Pending")), {}, NOW)]
+    steps.append(compute_status(observe(pod("a")), steps[-1], NOW))
+    steps.append(compute_status(observe(pod("a", ready=True)), steps[-1], NOW))
+    events = [e for before, after in zip([{}, *steps], steps) for e in status_events(before, after)]
+    assert [e[1] for e in events] == ["Ready"]
+    back = compute_status(observe(pod("a")), steps[-1], LATER)
+    assert [e[1] for e in status_events(steps[-1], back)] == ["Loading"], "leaving Ready is news"

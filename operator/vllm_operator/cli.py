@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--scrape-interval", type=_positive(float), default=15.0,
                      help="seconds between scrapes of the engines' /metrics")
     run.add_argument("--scrape-timeout", type=_positive(float), default=5.0, help="seconds one scrape may take")
+    run.add_argument("--status-min-interval", type=_positive(float), default=30.0,
+                     help="seconds between writes of one LLMDeployment's engine load figures into its status "
+                          "(phase and conditions are written at once)")
+    run.add_argument("--status-writes-per-second", type=_positive(float), default=100.0,
+                     help="status writes of engine load figures a second, shared fairly by every LLMDeployment")
     run.add_argument("--scrape-concurrency", type=_positive(int), default=64, help="engines scraped in parallel")
     run.add_argument("--leader-elect", action="store_true",
                      help="for several replicas: only the holder of a Lease reconciles and scrapes, the others stand by")
@@ -106,6 +111,8 @@ def _run(args: argparse.Namespace) -> int:
     handlers.OPTIONS.scrape_interval = args.scrape_interval
     handlers.OPTIONS.scrape_timeout = args.scrape_timeout
     handlers.OPTIONS.scrape_concurrency = args.scrape_concurrency
+    handlers.OPTIONS.status_min_interval = args.status_min_interval
+    handlers.OPTIONS.status_writes_per_second = args.status_writes_per_second
     if args.leader_elect:
         handlers.OPTIONS.leader_election_namespace = args.leader_election_namespace
         handlers.OPTIONS.leader_election_id = args.leader_election_id
@@ -116,9 +123,10 @@ def _run(args: argparse.Namespace) -> int:
         # Never kopf's peering: it pauses only the watches, not our workers (the Lease decides who works).
         standalone=True,
         liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+        stop_flag=handlers.WORK_FAILED,
         loop=asyncio.new_event_loop(),
     )
-    return 0
+    return 1 if handlers.WORK_FAILED.is_set() else 0
 
 
 def main(argv: list[str] | None = None) -> int:

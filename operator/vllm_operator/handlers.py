@@ -1,12 +1,15 @@
 """kopf wiring: watches feed the controller; start-up and clean-up own its tasks. No logic here.
 
 Every replica watches, so a standby's stores are warm when it takes over; only the leader (or a
-replica run without ``--leader-elect``) reconciles and scrapes.
+replica run without ``--leader-elect``) reconciles and scrapes. Once that work (or the election)
+ends on its own, the operator stops and exits non-zero, and its liveness probe fails meanwhile: a
+process that watches but no longer works would otherwise look alive while doing nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +35,8 @@ class RunOptions:
     scrape_interval: float = 15.0
     scrape_timeout: float = 5.0
     scrape_concurrency: int = 64
+    status_min_interval: float = 30.0
+    status_writes_per_second: float = 100.0
     # The Lease's namespace and name and this replica's identity; no namespace: no election.
     leader_election_namespace: str | None = None
     leader_election_id: str = "vllm-operator"
@@ -40,6 +45,11 @@ class RunOptions:
 
 OPTIONS = RunOptions()
 _state: dict[str, Any] = {}
+# Set when the operator's own work has ended on its own: cli.py passes it to kopf as the stop flag,
+# then exits non-zero.
+WORK_FAILED = asyncio.Event()
+
+log = logging.getLogger("vllm_operator.handlers")
 
 _OWNED = {SELECTOR_LABEL: kopf.PRESENT}
 
@@ -80,7 +90,7 @@ async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
         start_http_server(OPTIONS.metrics_port)
     credentials = Credentials.load(OPTIONS.kubeconfig)
     kube = Kube(credentials, qps=OPTIONS.kube_qps, burst=OPTIONS.kube_burst)
-    controller = Controller(kube)
+    controller = Controller(kube, OPTIONS.status_min_interval, OPTIONS.status_writes_per_second)
     clients = [kube]
     if OPTIONS.leader_election_namespace:
         # A connection of its own: a renewal queued behind a burst of reconcile writes could miss
@@ -89,10 +99,21 @@ async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
         clients.append(lease_kube)
         elector = LeaderElector(lease_kube, OPTIONS.leader_election_namespace, OPTIONS.leader_election_id,
                                 OPTIONS.identity)
+        _state["elector"] = elector
         task = asyncio.create_task(elector.run(lambda: _work(controller)), name="leader-election")
     else:
         task = asyncio.create_task(_work(controller), name="work")
+    task.add_done_callback(_work_ended)
     _state.update(clients=clients, controller=controller, task=task)
+
+
+def _work_ended(task: asyncio.Task[None]) -> None:
+    if task.cancelled():  # by clean-up
+        return
+    # Exit, as controller-runtime's manager does when a runnable fails: a restarted process starts
+    # afresh from the watches, and a standby has taken the released Lease meanwhile.
+    log.error("the operator's work has ended; stopping", exc_info=task.exception())
+    WORK_FAILED.set()
 
 
 async def _work(controller: Controller) -> None:
@@ -102,11 +123,32 @@ async def _work(controller: Controller) -> None:
     controller.resync()
     observability.LEADER.set(1)
     try:
-        await asyncio.gather(controller.run_workers(OPTIONS.workers), monitor.run())
+        # A task group: when one of them fails, the other is stopped too, not left running unled.
+        async with asyncio.TaskGroup() as group:
+            group.create_task(controller.run_workers(OPTIONS.workers))
+            group.create_task(monitor.run())
     finally:
-        observability.LEADER.set(0)
+        observability.term_ended()
         controller.forget_term()
         await monitor.close()
+
+
+@kopf.on.probe(id="work")
+async def liveness(**_: Any) -> str:
+    """Part of /healthz: it fails while this replica cannot do its part, so that it is restarted.
+
+    A PermanentError fails the probe at once; kopf would retry any other error, holding /healthz
+    until the kubelet gives up waiting.
+    """
+    task, elector = _state.get("task"), _state.get("elector")
+    if task is None or task.done():
+        raise kopf.PermanentError("the operator's work has ended")
+    fault = elector.fault() if elector is not None else None
+    if fault is not None:
+        raise kopf.PermanentError(fault)
+    if elector is None:
+        return "working"
+    return "leading" if elector.leading else "standing by"
 
 
 @kopf.on.cleanup()

@@ -11,7 +11,6 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -112,11 +111,12 @@ class EngineStats(BaseModel):
         ge=0, description="Requests that finished with an error or were aborted since the previous scrape."
     )
     scraped_replicas: int = Field(ge=0, description="Replicas whose /metrics answered in this scrape.")
-    last_scrape_time: str = Field(description="When the engines were scraped (RFC 3339, UTC).")
-
-    def without_time(self) -> dict[str, Any]:
-        """The status fields that describe load: equal for an unchanged fleet however often it is scraped."""
-        return self.model_dump(by_alias=True, exclude_none=True, exclude={"last_scrape_time"})
+    last_scrape_time: str = Field(description="When the engines were scraped for these figures (RFC 3339, UTC).")
+    observed_at: str | None = Field(
+        None, description="When the operator wrote these figures (RFC 3339, UTC). Figures are rewritten when one "
+        "moves by a meaningful amount, at most once per the operator's --status-min-interval (30 s by default); "
+        "the operator's /metrics has every scrape.",
+    )
 
 
 # Every sample name parse_sample reads; a body has ~600 lines and this is about a tenth of them.

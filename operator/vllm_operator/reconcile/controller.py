@@ -24,7 +24,8 @@ from vllm_operator.engines.metrics import EngineStats
 from vllm_operator.kube import Kube, KubeError
 from vllm_operator.reconcile.drift import controller_uid, matches, owned, stamped
 from vllm_operator.reconcile.queue import Key, WorkQueue, retry_delay
-from vllm_operator.reconcile.status import Observation, compute_status, status_changed, status_events
+from vllm_operator.reconcile.status import Observation, compute_status, status_events
+from vllm_operator.reconcile.writes import Change, WriteBudget, classify, figures_moved
 from vllm_operator.render.engine_args import ENGINE_PORT, served_model_name
 from vllm_operator.render.manifests import SELECTOR_LABEL, ChildKey, Manifest, Owner, children, endpoint
 
@@ -77,10 +78,19 @@ class EngineView:
     unhealthy: dict[str, str] = field(default_factory=dict)
 
 
+# Engine load figures reach the status at most this often per LLMDeployment, and the fleet's
+# figure-only writes share this many a second (reconcile/writes.py says why).
+STATUS_MIN_INTERVAL_SECONDS = 30.0
+STATUS_WRITES_PER_SECOND = 100.0
+
+
 class Controller:
-    def __init__(self, kube: Kube) -> None:
+    def __init__(self, kube: Kube, status_min_interval: float = STATUS_MIN_INTERVAL_SECONDS,
+                 status_writes_per_second: float = STATUS_WRITES_PER_SECOND) -> None:
         self.kube = kube
         self.queue = WorkQueue()
+        self.status_min_interval = status_min_interval
+        self.budget = WriteBudget(status_writes_per_second)
         self.resources: dict[Key, dict[str, Any]] = {}
         # Watched objects carrying an LLMDeployment's label, by LLMDeployment. The label only finds
         # them: what is the operator's is decided by controller owner references (drift.owned).
@@ -92,10 +102,11 @@ class Controller:
         self.apply_errors: dict[Key, list[str]] = {}
         self.conflicts: dict[Key, list[str]] = {}
         self._failures: dict[Key, int] = {}  # failed reconciles in a row, for the retry backoff
-        self._statuses: dict[Key, dict[str, Any]] = {}
+        self._statuses: dict[Key, dict[str, Any]] = {}  # as last written
+        self._written_at: dict[Key, float] = {}  # monotonic time of that write
         self._posting: set[asyncio.Task[None]] = set()
         self._stores = (self.resources, self.children, self.replica_sets, self.pods, self.engines,
-                        self.apply_errors, self.conflicts, self._failures, self._statuses)
+                        self.apply_errors, self.conflicts, self._failures, self._statuses, self._written_at)
 
     # -- watch events -------------------------------------------------------------------------
 
@@ -105,6 +116,7 @@ class Controller:
         if event_type == "DELETED":
             for store in self._stores:
                 store.pop(key, None)
+            self.budget.cancel(key)
             observability.set_phase(key, None)
             return
         previous = self.resources.get(key)
@@ -147,6 +159,7 @@ class Controller:
     def forget_term(self) -> None:
         """Drop what only the ending term saw; a later term starts from the watched bodies instead."""
         self._statuses.clear()
+        self._written_at.clear()
         self.engines.clear()
         self.apply_errors.clear()
         self.conflicts.clear()
@@ -318,7 +331,13 @@ class Controller:
     async def _write_status(self, key: Key, body: Mapping[str, Any], observation: Observation) -> None:
         previous = self._statuses.get(key) or body.get("status") or {}
         status = compute_status(observation, previous, now_rfc3339())
-        if not status_changed(previous, status):
+        change = classify(previous, status)
+        if change is not Change.FIGURES:
+            self.budget.cancel(key)  # nothing to write, or something that goes at once
+            if change is Change.NONE:
+                return
+        elif wait := self._figures_wait(key):
+            self.queue.add_after(key, wait)  # the newest figures then, not these
             return
         try:
             await self.kube.apply_status(key[0], key[1], status)
@@ -331,9 +350,22 @@ class Controller:
         if live is None or live["metadata"]["uid"] != body["metadata"]["uid"]:
             return  # deleted while the write was in flight: nothing of it may stay behind
         self._statuses[key] = status
+        self._written_at[key] = time.monotonic()
         observability.set_phase(key, status.get("phase"))
         for type_, reason, message in status_events(previous, status):
             self._event(body, type_, reason, message)
+
+    def _figures_wait(self, key: Key) -> float:
+        """Seconds before moved engine figures may be written: the per-LLMDeployment interval, then the budget."""
+        since = time.monotonic() - self._written_at.get(key, float("-inf"))
+        if since < self.status_min_interval:
+            observability.STATUS_WRITES_DEFERRED.labels("interval").inc()
+            return self.status_min_interval - since
+        wait = self.budget.request(key)
+        if wait:
+            observability.STATUS_WRITES_DEFERRED.labels("budget").inc()
+        observability.STATUS_WRITES_WAITING.set(self.budget.waiting)
+        return wait
 
     def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         """Record an Event in the background: it is for people, and the reconcile need not wait for it."""
@@ -362,10 +394,18 @@ class Controller:
 
     def update_engine(self, key: Key, stats: EngineStats | None, unhealthy: dict[str, str]) -> None:
         view = self.engines.setdefault(key, EngineView())
-        # Each scrape has a new timestamp; only a change in load or health is worth a reconcile.
-        unchanged = _load(view.stats) == _load(stats) and view.unhealthy == unhealthy
-        view.stats, view.unhealthy = stats, unhealthy
-        if not unchanged and key in self.resources:
+        before = view.stats
+        view.stats, view.unhealthy, health_changed = stats, unhealthy, view.unhealthy != unhealthy
+        body = self.resources.get(key)
+        if body is None:
+            return
+        # Only what would be written is worth a reconcile: health, the scraped replicas, or load
+        # that moved out of the dead band around the figures last written.
+        written = (self._statuses.get(key) or body.get("status") or {}).get("engine")
+        figures = stats.model_dump(by_alias=True, exclude_none=True) if stats is not None else None
+        if (health_changed or (before is None) != (stats is None)
+                or (written or {}).get("scrapedReplicas") != (figures or {}).get("scrapedReplicas")
+                or figures_moved(written, figures)):
             self.queue.add(key)
 
 
@@ -393,10 +433,6 @@ def _shared(value: Any) -> Any:
     if isinstance(value, str) and len(value) <= SHARED_STRING_LENGTH:
         return sys.intern(value)
     return value
-
-
-def _load(stats: EngineStats | None) -> dict[str, Any] | None:
-    return stats.without_time() if stats is not None else None
 
 
 def _started(pod: Mapping[str, Any]) -> bool:

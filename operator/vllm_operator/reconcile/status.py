@@ -205,26 +205,17 @@ def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> d
         if value is not None:
             status[key] = value
     if obs.engine is not None:
-        status["engine"] = obs.engine.model_dump(by_alias=True, exclude_none=True)
+        status["engine"] = obs.engine.model_copy(update={"observed_at": now}).model_dump(by_alias=True, exclude_none=True)
     return status
-
-
-def status_changed(old: Mapping[str, Any], new: Mapping[str, Any], volatile: Sequence[str] = ("lastScrapeTime",)) -> bool:
-    """Whether writing ``new`` would tell a reader anything; the scrape time alone does not."""
-
-    def strip(status: Mapping[str, Any]) -> dict[str, Any]:
-        out = dict(status)
-        if isinstance(out.get("engine"), Mapping):
-            out["engine"] = {k: v for k, v in out["engine"].items() if k not in volatile}
-        return out
-
-    return strip(old) != strip(new)
 
 
 def status_events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """(type, reason, message) of the Kubernetes Events a status change deserves."""
     events = []
-    if old.get("phase") != new.get("phase"):
+    # The way up (Pending, Loading) is routine; reaching Ready, a problem, or leaving those is news.
+    # A new LLMDeployment that comes up is therefore two Events: its children created, then Ready.
+    news = {"Ready", "Degraded", "Failed"}
+    if old.get("phase") != new.get("phase") and (new.get("phase") in news or old.get("phase") in news):
         kind = "Warning" if new.get("phase") in ("Failed", "Degraded") else "Normal"
         ready = next((c for c in new.get("conditions", []) if c["type"] == "Ready"), None)
         detail = f": {ready['message']}" if ready else ""
