@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import kopf
-from prometheus_client import start_http_server
+from prometheus_client import REGISTRY, start_http_server
 
 from vllm_operator import api, observability
-from vllm_operator.reconcile.controller import Controller
+from vllm_operator.engines.export import EngineLoadCollector
 from vllm_operator.engines.monitor import EngineMonitor
 from vllm_operator.kube import Credentials, Kube
 from vllm_operator.leader import LeaderElector
+from vllm_operator.reconcile.controller import Controller
 from vllm_operator.render.manifests import SELECTOR_LABEL
 
 
@@ -91,6 +92,7 @@ async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
     credentials = Credentials.load(OPTIONS.kubeconfig)
     kube = Kube(credentials, qps=OPTIONS.kube_qps, burst=OPTIONS.kube_burst)
     controller = Controller(kube, OPTIONS.status_min_interval, OPTIONS.status_writes_per_second)
+    REGISTRY.register(EngineLoadCollector(lambda: {key: view.stats for key, view in controller.engines.items()}))
     clients = [kube]
     if OPTIONS.leader_election_namespace:
         # A connection of its own: a renewal queued behind a burst of reconcile writes could miss
