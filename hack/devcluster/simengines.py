@@ -8,7 +8,8 @@ operator's scraper sees exactly what real engines would show.
     python -m devcluster.simengines --kubeconfig K --cidr 127.64.0.0/16 [--admin-port P] [--mode idle]
 
 ``POST http://127.0.0.1:<admin-port>/mode/busy`` (or ``/mode/idle``) switches the mode;
-``GET /engines`` lists the served addresses.
+``GET /engines`` lists the served addresses; ``PUT /engines/<podIP>/load`` with a JSON object of gauge
+names and values (``{"vllm:num_requests_waiting": 40}``) sets what one engine reports, ``DELETE`` drops that.
 """
 
 from __future__ import annotations
@@ -65,10 +66,20 @@ class MetricsBody:
         return self._text
 
 
+def with_gauges(text: str, gauges: dict[str, float]) -> str:
+    """The body with the named gauges' samples set to the given values (one engine per body)."""
+    lines = []
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        lines.append(f"{line.rsplit(' ', 1)[0]} {float(gauges[name])}" if name in gauges else line)
+    return "\n".join(lines) + "\n"
+
+
 class Engines:
     def __init__(self, cidr: str, body: MetricsBody, mode: str) -> None:
         self.network = ipaddress.ip_network(cidr)
         self.body = body
+        self.gauges: dict[str, dict[str, float]] = {}  # pod IP -> gauges a test set
         self.busy = mode == "busy"
         self._busy_seconds = 0.0
         self._busy_since = time.monotonic()
@@ -88,8 +99,10 @@ class Engines:
         async def health(_: web.Request) -> web.Response:
             return web.Response(text="")
 
-        async def metrics(_: web.Request) -> web.Response:
-            return web.Response(text=self.body.render(self.busy_seconds()), content_type="text/plain")
+        async def metrics(request: web.Request) -> web.Response:
+            text = self.body.render(self.busy_seconds())
+            gauges = self.gauges.get(request.transport.get_extra_info("sockname")[0]) if request.transport else None
+            return web.Response(text=with_gauges(text, gauges) if gauges else text, content_type="text/plain")
 
         async def models(_: web.Request) -> web.Response:
             return web.json_response({"object": "list", "data": []})
@@ -148,8 +161,21 @@ async def main(args: argparse.Namespace) -> None:
     async def listing(_: web.Request) -> web.Response:
         return web.json_response(sorted(engines.sites))
 
+    async def set_load(request: web.Request) -> web.Response:
+        gauges = await request.json()
+        if not isinstance(gauges, dict) or not all(isinstance(v, (int, float)) for v in gauges.values()):
+            raise web.HTTPBadRequest(text="a JSON object of gauge names and numbers")
+        engines.gauges[request.match_info["ip"]] = gauges
+        return web.json_response(gauges)
+
+    async def drop_load(request: web.Request) -> web.Response:
+        engines.gauges.pop(request.match_info["ip"], None)
+        return web.json_response({})
+
     admin.router.add_post("/mode/{mode}", set_mode)
     admin.router.add_get("/engines", listing)
+    admin.router.add_put("/engines/{ip}/load", set_load)
+    admin.router.add_delete("/engines/{ip}/load", drop_load)
     runner = web.AppRunner(admin, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", args.admin_port).start()
