@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 CACHE ?= $(HOME)/.cache/vllm-operator
 DEVPY := PYTHONPATH=hack $(PY)
 
-.PHONY: help venv engine binaries model cluster-up cluster-down crds test demo demo-down bench
+.PHONY: help venv engine binaries model cluster-up cluster-down crds test demo demo-down screenshot bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -24,7 +24,7 @@ venv: $(VENV)/.installed ## the operator's virtual environment (.venv)
 engine: venv ## the vLLM CPU engine's virtual environment (cached under ~/.cache/vllm-operator)
 	$(DEVPY) -m devcluster.engine ensure
 
-binaries: venv ## build etcd, kube-*, kwok and helm once (cached under ~/.cache/vllm-operator/bin)
+binaries: venv ## build etcd, kube-*, kwok, helm, prometheus and promtool once (cached under ~/.cache/vllm-operator/bin)
 	$(DEVPY) -m devcluster.binaries
 
 model: engine ## generate the tiny test model into the cache
@@ -47,6 +47,9 @@ demo: binaries model ## the whole user path on the local cluster with real vLLM
 
 demo-down: venv ## stop everything the demo started and remove its state
 	@$(DEVPY) -m devcluster.demo down
+
+screenshot: venv ## redraw docs/images/dashboard.png: the chart's dashboard under load, from the running demo's Prometheus
+	@$(DEVPY) -m devcluster.screenshot
 
 bench: binaries ## benchmarks; BENCH_SIZE=small for a quick run
 	$(DEVPY) -m bench

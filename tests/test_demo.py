@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from devcluster import monitoring
 from devcluster.cluster import REPO_ROOT, Ports, process_running
 
 pytestmark = [pytest.mark.cluster, pytest.mark.engine]
@@ -32,6 +33,24 @@ def alive_pids(state_dir: Path) -> list[int]:
     return [pid for pid in pids if process_running(pid)]
 
 
+def assert_prometheus_scrapes_the_demo(stdout: str) -> None:
+    """The demo's Prometheus has the engine's series, labelled as the chart's PodMonitor labels them, the
+    operator's own, and the chart's alert rules, none of them firing."""
+    url = re.search(r"Prometheus: (http://\S+)", stdout)
+    assert url, stdout[-3000:]
+    [running] = monitoring.query(url[1], 'vllm:num_requests_running{llmdeployment="tiny"}')
+    labels = running["metric"]
+    assert labels["namespace"] == "default" and labels["pod"].startswith("tiny-"), labels
+    assert labels["job"] == "vllm-operator-system/vllm-operator-engines" and labels["model_name"] == "tiny"
+    [phase] = monitoring.query(url[1], 'vllm_operator_llmdeployment_phase{llmdeployment="tiny"}')
+    assert phase["metric"]["namespace"] == "default" and phase["metric"]["phase"] == "Ready"
+    [leader] = monitoring.query(url[1], "vllm_operator_leader")
+    assert leader["metric"]["job"] == "vllm-operator-metrics" and leader["value"][1] == "1"
+    rules = [r for group in monitoring.rules(url[1]) for r in group["rules"]]
+    assert len(rules) == 7 and all(r["health"] == "ok" for r in rules), rules
+    assert not [r["name"] for r in rules if r["state"] == "firing"]
+
+
 def test_demo_serves_a_real_completion_and_cleans_up(tmp_path: Path) -> None:
     state_dir = tmp_path / "demo"
     try:
@@ -44,6 +63,7 @@ def test_demo_serves_a_real_completion_and_cleans_up(tmp_path: Path) -> None:
         assert re.search(r"^\s+tiny\s+vllm-operator/tiny-llama\s+cpu\s+1/1\s+Ready", up.stdout, re.M)
         assert "kubectl get llmd -w" in up.stdout and "make demo-down" in up.stdout
         assert "total" in up.stdout
+        assert_prometheus_scrapes_the_demo(up.stdout)
 
         again = demo("up", state_dir, 600)  # a second run reuses what is there
         assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]

@@ -22,6 +22,8 @@ KUBERNETES_VERSION = "v1.36.3"
 ETCD_VERSION = "v3.6.16"
 KWOK_VERSION = "v0.8.0"
 HELM_VERSION = "v3.21.4"
+# Prometheus 3.16.0, by its Go module version (see _prometheus_release).
+PROMETHEUS_VERSION = "v0.316.0"
 
 CACHE_ROOT = Path(os.environ.get("VLLM_OPERATOR_CACHE", Path.home() / ".cache" / "vllm-operator"))
 BIN_ROOT = CACHE_ROOT / "bin"
@@ -39,6 +41,7 @@ class Component:
     module: str
     binaries: dict[str, str]  # binary file name -> Go main package
     ldflags: str = "-s -w"
+    tags: str = ""  # Go build tags, comma-separated
 
     @property
     def directory(self) -> Path:
@@ -67,6 +70,12 @@ def _kubernetes_ldflags(version: str) -> str:
     return " ".join(flags)
 
 
+def _prometheus_release(module_version: str) -> str:
+    """Prometheus publishes its release 3.x.y as Go module version v0.3xx.y: v0.316.0 is 3.16.0."""
+    _, minor, patch = module_version.lstrip("v").split(".")
+    return f"{int(minor) // 100}.{int(minor) % 100}.{patch}"
+
+
 KUBERNETES = Component(
     "kubernetes",
     KUBERNETES_VERSION,
@@ -77,7 +86,17 @@ KUBERNETES = Component(
 ETCD = Component("etcd", ETCD_VERSION, "go.etcd.io/etcd/server/v3", {"etcd": "go.etcd.io/etcd/server/v3"})
 KWOK = Component("kwok", KWOK_VERSION, "sigs.k8s.io/kwok", {"kwok": "sigs.k8s.io/kwok/cmd/kwok"})
 HELM = Component("helm", HELM_VERSION, "helm.sh/helm/v3", {"helm": "helm.sh/helm/v3/cmd/helm"})
-COMPONENTS = (ETCD, KUBERNETES, KWOK, HELM)
+# promtool checks and unit-tests the chart's alert rules; prometheus scrapes the demo. Only the Kubernetes
+# service discovery is built in: the others pull in every cloud SDK and double the build time.
+PROMETHEUS = Component(
+    "prometheus",
+    PROMETHEUS_VERSION,
+    "github.com/prometheus/prometheus",
+    {name: f"github.com/prometheus/prometheus/cmd/{name}" for name in ("prometheus", "promtool")},
+    f"-s -w -X github.com/prometheus/common/version.Version={_prometheus_release(PROMETHEUS_VERSION)}",
+    "remove_all_sd,enable_kubernetes_sd",
+)
+COMPONENTS = (ETCD, KUBERNETES, KWOK, HELM, PROMETHEUS)
 
 
 def path_of(name: str) -> Path:
@@ -135,8 +154,8 @@ def build(component: Component, log_dir: Path) -> None:
         Path(workdir, "go.mod").write_text(_wrapper_gomod(component))
         staging = Path(workdir, "out")
         staging.mkdir()
-        command = [go, "build", "-trimpath", f"-ldflags={component.ldflags}", "-o", str(staging) + "/",
-                   *component.binaries.values()]
+        command = [go, "build", "-trimpath", f"-ldflags={component.ldflags}", f"-tags={component.tags}",
+                   "-o", str(staging) + "/", *component.binaries.values()]
         with log_file.open("w") as log:
             result = subprocess.run(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
         if result.returncode != 0:

@@ -129,7 +129,7 @@ class Demo:
             pod_ip = self._pod_ip(api_client, name)
             self._chat(pod_ip, name)
         with self.step("the engine's and the operator's series in Prometheus"):
-            self._wait_series(prometheus_url, name)
+            self._wait_series(prometheus_url, name, metrics_port)
         self._summary(name, pod_ip, metrics_port, prometheus_url)
 
     def _preflight(self) -> None:
@@ -235,16 +235,17 @@ class Demo:
         while time.monotonic() < deadline and "engine" not in ((_get(api_client, name) or {}).get("status") or {}):
             time.sleep(0.5)
 
-    def _wait_series(self, url: str, name: str) -> None:
-        selector = f'namespace="{NAMESPACE}", llmdeployment="{name}"'
-        wanted = (f"vllm:num_requests_running{{{selector}}}", f"vllm_operator_llmdeployment_phase{{{selector}}}",
-                  "vllm_operator_leader")
+    def _wait_series(self, url: str, name: str, metrics_port: int) -> None:
+        # This run's operator only: a rerun's Prometheus still holds the previous operator's recent series.
+        selector, operator = f'namespace="{NAMESPACE}", llmdeployment="{name}"', f'instance="127.0.0.1:{metrics_port}"'
+        wanted = (f"vllm:num_requests_running{{{selector}}}",
+                  f"vllm_operator_llmdeployment_phase{{{selector}, {operator}}}", f"vllm_operator_leader{{{operator}}}")
         deadline = time.monotonic() + 6 * SCRAPE_INTERVAL
-        while not all(found := {expr: monitoring.query(url, expr) for expr in wanted}.values()):
+        while missing := [expr for expr in wanted if not monitoring.query(url, expr)]:
             if time.monotonic() > deadline:
-                missing = [expr for expr, series in found.items() if not series]
                 raise DemoError(f"Prometheus has no {missing}; its targets: {url}/api/v1/targets")
             time.sleep(1)
+        found = {expr: monitoring.query(url, expr) for expr in wanted}
         for expr, series in found.items():
             self.out(f"    $ curl -s '{url}/api/v1/query' --data-urlencode 'query={expr}'")
             for one in series:

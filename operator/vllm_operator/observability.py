@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter as Tally
+from collections.abc import Iterator
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 RECONCILES = Counter("vllm_operator_reconcile_total", "Reconciles of LLMDeployments by result.", ["result"])
 RECONCILE_SECONDS = Histogram(
@@ -20,9 +23,33 @@ SCRAPE_SECONDS = Histogram(
 )
 SCRAPE_FAILURES = Counter("vllm_operator_scrape_failures_total", "Engine /metrics or /health requests that failed.")
 PHASES = Gauge("vllm_operator_llmdeployments", "LLMDeployments by phase.", ["phase"])
+STATUS_WRITES_DEFERRED = Counter(
+    "vllm_operator_status_writes_deferred_total",
+    "Engine-figure status writes put off: by the per-LLMDeployment interval, or by the fleet's write budget.",
+    ["reason"],
+)
+STATUS_WRITES_WAITING = Gauge(
+    "vllm_operator_status_writes_waiting", "LLMDeployments waiting for the write budget to write their figures."
+)
 LEADER = Gauge("vllm_operator_leader", "1 while this replica reconciles and scrapes (leads), 0 while it stands by.")
 
 _phases: dict[tuple[str, str], str] = {}
+
+
+class _PhaseCollector(Collector):
+    """``vllm_operator_llmdeployment_phase``: 1 for each LLMDeployment in its current phase, read from
+    ``_phases`` when scraped, so a deleted LLMDeployment (or an ended term) leaves no series behind. The
+    ``namespace`` label is the LLMDeployment's: the chart's ServiceMonitor honours it."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("vllm_operator_llmdeployment_phase", "The phase of each LLMDeployment (1).",
+                                   labels=["namespace", "llmdeployment", "phase"])
+        for (namespace, name), phase in sorted(_phases.items()):
+            family.add_metric([namespace, name, phase], 1)
+        yield family
+
+
+REGISTRY.register(_PhaseCollector())
 
 
 def record_reconcile(result: str, seconds: float) -> None:
@@ -39,6 +66,18 @@ def set_phase(key: tuple[str, str], phase: str | None) -> None:
         _phases.pop(key, None)
     else:
         _phases[key] = phase
+    _count_phases()
+
+
+def term_ended() -> None:
+    """Zero what only a working leader knows, so that a standby exports no stale phases or backlog."""
+    LEADER.set(0)
+    _phases.clear()
+    _count_phases()
+    STATUS_WRITES_WAITING.set(0)
+
+
+def _count_phases() -> None:
     counts = Tally(_phases.values())
     for name in ("Pending", "Loading", "Ready", "Degraded", "Failed"):
         PHASES.labels(name).set(counts.get(name, 0))
