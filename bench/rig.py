@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import yaml
@@ -20,7 +19,7 @@ from kubernetes import client, config
 
 from bench.kube import BenchKube, Obj
 from devcluster import nodes
-from devcluster.cluster import REPO_ROOT, Ports
+from devcluster.cluster import REPO_ROOT
 from devcluster.operatorproc import OperatorProcess
 from vllm_operator import api
 from vllm_operator.kube import Credentials, KubeError
@@ -33,6 +32,9 @@ BENCH_LABEL = "vllm-operator.io/bench"
 NODE = "bench-0"
 NODE_ADDRESS = "127.0.20.40"
 NAMESPACE_TIMEOUT = 600.0
+# A fleet of thousands takes the namespace controller and the garbage collector longer to remove than
+# NAMESPACE_TIMEOUT: this much per LLMDeployment is allowed then (unmeasured beyond 1,000, so generous).
+NAMESPACE_SECONDS_PER_LLMDEPLOYMENT = 0.25
 
 Out = Callable[[str], None]
 
@@ -69,13 +71,6 @@ def kubeconfig_answers(path: Path) -> bool:
         return False
 
 
-def simengines_admin_url(kubeconfig: Path) -> str:
-    """The simulated engines' admin endpoint: its port is a fixed offset from the apiserver's."""
-    apiserver_port = urlsplit(Credentials.load(str(kubeconfig)).host).port or 443
-    default = Ports()
-    return f"http://127.0.0.1:{Ports(apiserver_port - (default.apiserver - default.base)).simengines_admin}"
-
-
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process so far."""
     raw = Path(f"/proc/{pid}/stat").read_text()
@@ -83,11 +78,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def peak_rss_mib(pid: int) -> float:
+def _status_mib(pid: int, field: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/{pid}/status has no VmHWM")
+    raise RuntimeError(f"/proc/{pid}/status has no {field}")
+
+
+def peak_rss_mib(pid: int) -> float:
+    return _status_mib(pid, "VmHWM")
+
+
+def rss_mib(pid: int) -> float:
+    return _status_mib(pid, "VmRSS")
 
 
 @dataclass
@@ -98,6 +101,7 @@ class Rig:
     api_client: client.ApiClient  # synchronous, for the devcluster helpers
     operator: OperatorProcess
     out: Out
+    largest: int  # the most LLMDeployments a namespace of this rig holds
 
     @property
     def operator_pid(self) -> int:
@@ -132,7 +136,8 @@ class Rig:
         with contextlib.suppress(KubeError):
             await self.kube.request("DELETE", path)
         started = time.monotonic()
-        await self.poll(f"namespace {name} gone", lambda: _absent(self.kube, path), NAMESPACE_TIMEOUT)
+        await self.poll(f"namespace {name} gone", lambda: _absent(self.kube, path),
+                        max(NAMESPACE_TIMEOUT, self.largest * NAMESPACE_SECONDS_PER_LLMDEPLOYMENT))
         if time.monotonic() - started > 5:
             self.out(f"  namespace {name} deleted in {time.monotonic() - started:.0f}s")
 
@@ -176,21 +181,21 @@ async def _add_node(kube: BenchKube, api_client: client.ApiClient, pods: int) ->
 
 
 @contextlib.asynccontextmanager
-async def rig(kubeconfig: Path, fleet: int, out: Out) -> AsyncIterator[Rig]:
+async def rig(kubeconfig: Path, largest: int, out: Out) -> AsyncIterator[Rig]:
     kube = BenchKube(Credentials.load(str(kubeconfig)), max_connections=64)
     api_client = config.new_client_from_config(config_file=str(kubeconfig))
     log_file = Path(tempfile.mkdtemp(prefix="vllm-operator-bench-")) / "operator.log"
     operator = OperatorProcess(kubeconfig, log_file,
                                ["--scrape-interval", f"{SCRAPE_INTERVAL:g}", "--log-level", "warning"])
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-        setting = Rig(kubeconfig, kube, http, api_client, operator, out)
+        setting = Rig(kubeconfig, kube, http, api_client, operator, out, largest)
         try:
             await _install_crd(kube)
             for leftover in (await kube.request("GET", "/api/v1/namespaces",
                                                 params={"labelSelector": BENCH_LABEL}))["items"]:
                 await setting.delete_namespace(leftover["metadata"]["name"])
-            # Room for the whole fleet and some to spare on one node.
-            await _add_node(kube, api_client, fleet + 100)
+            # Room for the largest fleet and some to spare on one node.
+            await _add_node(kube, api_client, largest + 100)
             await asyncio.to_thread(operator.start)
             out(f"operator pid {setting.operator_pid}, log {log_file}")
             yield setting

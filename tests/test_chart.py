@@ -44,6 +44,8 @@ Obj = dict[str, Any]
 RULES: list[Obj] = [
     {"apiGroups": ["llm.vllm-operator.io"], "resources": ["llmdeployments"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["llm.vllm-operator.io"], "resources": ["llmdeployments/status"], "verbs": ["patch"]},
+    {"apiGroups": ["llm.vllm-operator.io"], "resources": ["llmdeployments/scale"], "verbs": ["patch"]},
+    {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"], "verbs": ["list"]},
     {"apiGroups": ["llm.vllm-operator.io"], "resources": ["llmdeployments/finalizers"], "verbs": ["update"]},
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "create", "patch"]},

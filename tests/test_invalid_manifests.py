@@ -77,6 +77,58 @@ CATALOG: list[tuple[str, dict[str, Any], str]] = [
     ("pipeline-not-dividing", {"spec.accelerator.count": 8, "spec.engine.pipelineParallelSize": 3}, "multiple of"),
     ("existing-claim-with-size", {"spec.cache": {"existingClaim": "mine", "size": "10Gi"}}, "existingClaim"),
     ("missing-model", {"spec.model": None}, "model"),
+    ("autoscaling-without-max", {"spec.autoscaling": {"minReplicas": 1}}, "maxReplicas"),
+    ("autoscaling-on-one-node-cache", {"spec.autoscaling": {"maxReplicas": 4}}, "cache.accessMode: ReadWriteMany"),
+    ("autoscaling-min-above-max", {"spec.autoscaling": {"minReplicas": 3, "maxReplicas": 2},
+                                   "spec.cache.enabled": False}, "minReplicas must be at most"),
+    ("autoscaling-max-too-big", {"spec.autoscaling": {"maxReplicas": 1001}, "spec.cache.enabled": False},
+     "less than or equal to 1000"),
+    ("autoscaling-no-targets", {"spec.autoscaling": {"maxReplicas": 1, "targets": []}}, "at least 1 item"),
+    ("autoscaling-five-targets", {"spec.autoscaling": {"maxReplicas": 1, "targets": [
+        {"metric": m, "value": 1} for m in ("requestsPerReplica", "waitingRequests", "kvCacheUsagePercent",
+                                            "generationTokensPerSecond", "requestsPerReplica")]}},
+     "must have at most 4 items"),
+    ("autoscaling-duplicate-target", {"spec.autoscaling": {"maxReplicas": 1, "targets": [
+        {"metric": "waitingRequests", "value": 4}, {"metric": "waitingRequests", "value": 8}]}},
+     "each metric may appear once"),
+    ("autoscaling-unknown-metric", {"spec.autoscaling": {"maxReplicas": 1, "targets": [
+        {"metric": "gpuUtilization", "value": 80}]}}, "Unsupported value"),
+    ("autoscaling-zero-target", {"spec.autoscaling": {"maxReplicas": 1, "targets": [
+        {"metric": "requestsPerReplica", "value": 0}]}}, "greater than 0"),
+    ("autoscaling-kv-above-100", {"spec.autoscaling": {"maxReplicas": 1, "targets": [
+        {"metric": "kvCacheUsagePercent", "value": 120}]}}, "at most 100"),
+    ("autoscaling-zero-without-delay", {"spec.autoscaling": {"minReplicas": 0, "maxReplicas": 1}},
+     "needs behavior.scaleToZeroAfterSeconds"),
+    ("autoscaling-delay-without-zero", {"spec.autoscaling": {"maxReplicas": 1,
+                                                             "behavior": {"scaleToZeroAfterSeconds": 600}}},
+     "applies only with minReplicas: 0"),
+    ("autoscaling-zero-step", {"spec.autoscaling": {"maxReplicas": 1, "behavior": {"maxScaleUpStep": 0}}},
+     "greater than or equal to 1"),
+    ("autoscaling-step-not-percent", {"spec.autoscaling": {"maxReplicas": 1,
+                                                           "behavior": {"maxScaleDownStep": "half"}}}, "should match"),
+    ("autoscaling-negative-window", {"spec.autoscaling": {"maxReplicas": 1,
+                                                          "behavior": {"scaleDownStabilizationSeconds": -1}}},
+     "greater than or equal to 0"),
+]
+
+# (case id, {dotted path: value}): specs at the edges of the rules above that both must accept.
+ACCEPTED: list[tuple[str, dict[str, Any]]] = [
+    ("autoscaling-one-replica-on-one-node-cache", {"spec.autoscaling": {"maxReplicas": 1}}),
+    ("autoscaling-defaults-with-shared-cache", {"spec.autoscaling": {"maxReplicas": 4},
+                                                "spec.cache.accessMode": "ReadWriteMany"}),
+    ("autoscaling-to-zero-every-field", {
+        "spec.replicas": 0,
+        "spec.cache": {"existingClaim": "weights"},
+        "spec.autoscaling": {
+            "minReplicas": 0, "maxReplicas": 8,
+            "targets": [{"metric": "requestsPerReplica", "value": 32}, {"metric": "waitingRequests", "value": 2},
+                        {"metric": "kvCacheUsagePercent", "value": 100}, {"metric": "generationTokensPerSecond",
+                                                                           "value": 2500.5}],
+            "behavior": {"scaleUpStabilizationSeconds": 15, "scaleDownStabilizationSeconds": 600,
+                         "scaleDownDelaySeconds": 0, "scaleToZeroAfterSeconds": 1800,
+                         "maxScaleUpStep": 4, "maxScaleDownStep": "50%"},
+        },
+    }),
 ]
 
 
@@ -102,6 +154,11 @@ def test_catalog_is_large() -> None:
 def test_models_refuse(case: str, changes: dict[str, Any], words: str) -> None:
     with pytest.raises(ValidationError):
         api.LLMDeploymentSpec.model_validate(_manifest(changes)["spec"])
+
+
+@pytest.mark.parametrize(("case", "changes"), ACCEPTED, ids=[c[0] for c in ACCEPTED])
+def test_models_accept(case: str, changes: dict[str, Any]) -> None:
+    api.LLMDeploymentSpec.model_validate(_manifest(changes)["spec"])
 
 
 @pytest.mark.cluster
@@ -147,3 +204,15 @@ def test_valid_base_is_accepted(crd_installed: None, cluster: Any, namespace: st
         api.GROUP, api.VERSION, namespace, api.PLURAL, copy.deepcopy(BASE), field_validation="Strict"
     )
     assert created["metadata"]["name"] == "bad"
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize(("case", "changes"), ACCEPTED, ids=[c[0] for c in ACCEPTED])
+def test_apiserver_accepts(crd_installed: None, cluster: Any, namespace: str, case: str,
+                           changes: dict[str, Any]) -> None:
+    body = _manifest(changes)
+    body["metadata"]["name"] = case[:57].rstrip("-")
+    created = client.CustomObjectsApi(cluster.api_client).create_namespaced_custom_object(
+        api.GROUP, api.VERSION, namespace, api.PLURAL, body, field_validation="Strict"
+    )
+    assert created["spec"] == body["spec"]

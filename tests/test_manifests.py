@@ -12,7 +12,8 @@ from vllm_operator.api import LLMDeploymentSpec
 from vllm_operator.render.manifests import STARTUP_PROBE_BUDGET_SECONDS, Owner, children, deployment, endpoint
 
 OWNER = Owner("llama", "ai", "uid-1")
-EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+EXAMPLES = sorted(path for path in (Path(__file__).resolve().parents[1] / "examples").glob("*.yaml")
+                  if yaml.safe_load(path.read_text())["kind"] == "LLMDeployment")  # not keda-scaledobject.yaml
 
 
 def spec(**overrides: Any) -> LLMDeploymentSpec:

@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from kubernetes import client, config, watch
@@ -64,6 +65,16 @@ class MetricsBody:
                                    for head, value in self._lines) + "\n"
             self._step = step
         return self._text
+
+
+def admin_url(kubeconfig: Path) -> str:
+    """The admin endpoint of the cluster ``kubeconfig`` points at: its port is a fixed offset from the apiserver's."""
+    from devcluster.cluster import Ports
+    from vllm_operator.kube import Credentials
+
+    apiserver_port = urlsplit(Credentials.load(str(kubeconfig)).host).port or 443
+    default = Ports()
+    return f"http://127.0.0.1:{Ports(apiserver_port - (default.apiserver - default.base)).simengines_admin}"
 
 
 def with_gauges(text: str, gauges: dict[str, float]) -> str:

@@ -356,6 +356,13 @@ class Kube:
             subresource="status",
         )
 
+    async def scale(self, namespace: str, name: str, replicas: int) -> dict[str, Any]:
+        """Set an LLMDeployment's replicas through its scale subresource, where kubectl scale, HPA and KEDA meet."""
+        return await self.request(
+            "PATCH", object_path(api.KIND, namespace, name, "scale"), body={"spec": {"replicas": replicas}},
+            params={"fieldManager": FIELD_MANAGER}, content_type="application/merge-patch+json",
+        )
+
     async def post_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         """Record an Event; the same one again within the window counts up on the Event already posted."""
         meta = involved["metadata"]

@@ -70,6 +70,14 @@ does not exist yet. Reads are watches (kopf) and never need more than get/list/w
 - apiGroups: [llm.vllm-operator.io]
   resources: [llmdeployments/status]
   verbs: [patch]
+# The built-in autoscaler (spec.autoscaling) sets replicas where kubectl scale, HPA and KEDA do.
+- apiGroups: [llm.vllm-operator.io]
+  resources: [llmdeployments/scale]
+  verbs: [patch]
+# ... and stands aside when an HPA (or KEDA's) targets the same LLMDeployment.
+- apiGroups: [autoscaling]
+  resources: [horizontalpodautoscalers]
+  verbs: [list]
 # Children name their LLMDeployment with blockOwnerDeletion, which the apiserver allows only to
 # whoever may update the owner's finalizers.
 - apiGroups: [llm.vllm-operator.io]

@@ -452,10 +452,197 @@ class LocalObjectReference(ApiModel):
     name: str = Field(description="Object name.", min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
 
 
+AutoscalingMetric = Literal["requestsPerReplica", "waitingRequests", "kvCacheUsagePercent", "generationTokensPerSecond"]
+KV_TARGET_MESSAGE = "autoscaling target kvCacheUsagePercent is a percentage of one replica's KV cache: at most 100"
+UNIQUE_TARGETS_MESSAGE = "autoscaling.targets: each metric may appear once"
+MIN_MAX_MESSAGE = "autoscaling.minReplicas must be at most autoscaling.maxReplicas"
+ZERO_NEEDS_DELAY_MESSAGE = (
+    "autoscaling.minReplicas 0 needs behavior.scaleToZeroAfterSeconds: how long no request may run or wait "
+    "before the last replica is removed"
+)
+DELAY_NEEDS_ZERO_MESSAGE = "autoscaling.behavior.scaleToZeroAfterSeconds applies only with minReplicas: 0"
+# A step is a number of replicas or a percentage of the replicas that exist, as in a Deployment's maxSurge.
+REPLICA_STEP_PATTERN = r"^[1-9][0-9]{0,3}%$"
+MAX_REPLICAS = 1000
+
+
+def _check_step(value: int | str) -> int | str:
+    if isinstance(value, str) and not re.match(REPLICA_STEP_PATTERN, value):
+        raise ValueError(f"{value!r} should be a number of replicas or a percentage such as 100%")
+    if isinstance(value, int) and not 1 <= value <= MAX_REPLICAS:
+        raise ValueError(f"{value} should be between 1 and {MAX_REPLICAS} replicas")
+    return value
+
+
+ReplicaStep = Annotated[
+    int | str,
+    AfterValidator(_check_step),
+    Field(json_schema_extra={
+        "x-kubernetes-int-or-string": True, "pattern": REPLICA_STEP_PATTERN, "minimum": 1, "maximum": MAX_REPLICAS,
+    }),
+]
+
+
+class AutoscalingTarget(ApiModel):
+    """A load each replica should carry; the autoscaler runs as many replicas as the busiest target needs."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("self.metric != 'kvCacheUsagePercent' || self.value <= 100.0", KV_TARGET_MESSAGE, ".value"),
+            ]
+        }
+    )
+
+    metric: AutoscalingMetric = Field(
+        description=(
+            "What the engines report: requestsPerReplica (requests running plus waiting), waitingRequests (queued "
+            "requests), kvCacheUsagePercent (KV-cache use of the fullest replica, percent) or "
+            "generationTokensPerSecond (tokens generated per second)."
+        )
+    )
+    value: float = Field(
+        description=(
+            "Target per replica: the autoscaler wants total load / value replicas, e.g. 40 requests at "
+            "requestsPerReplica 16 ask for 3 replicas."
+        ),
+        gt=0,
+    )
+
+    @model_validator(mode="after")
+    def _check_value(self) -> AutoscalingTarget:
+        if self.metric == "kvCacheUsagePercent" and self.value > 100:
+            raise ValueError(KV_TARGET_MESSAGE)
+        return self
+
+
+# 16 concurrent requests is far below the batch vLLM schedules on any accelerator, so a replica at target
+# still has free batch slots: replicas are added while requests still run at once, before a queue forms.
+DEFAULT_TARGETS = (AutoscalingTarget(metric="requestsPerReplica", value=16),)
+
+
+class AutoscalingBehavior(ApiModel):
+    """How fast, and after how long, the replica count follows the load."""
+
+    scale_up_stabilization_seconds: int = Field(
+        0,
+        description=(
+            "Scale up only to the lowest count asked for during this many seconds, so a short burst adds no "
+            "replicas. Default: 0 (scale up at once)."
+        ),
+        ge=0, le=3600,
+    )
+    scale_down_stabilization_seconds: int = Field(
+        300,
+        description=(
+            "Scale down only to the highest count asked for during this many seconds, so load that comes and goes "
+            "keeps its replicas. Default: 300."
+        ),
+        ge=0, le=3600,
+    )
+    scale_down_delay_seconds: int = Field(
+        300,
+        description="No scale-down sooner than this many seconds after the last scale-up. Default: 300.",
+        ge=0, le=86400,
+    )
+    scale_to_zero_after_seconds: int | None = Field(
+        None,
+        description=(
+            "With minReplicas 0 (and only then; required then): remove the last replica after this many seconds "
+            "without a request running or waiting. A request that arrives at zero needs a gateway that wakes the "
+            "LLMDeployment, or kubectl scale."
+        ),
+        ge=1, le=604800,
+    )
+    max_scale_up_step: ReplicaStep = Field(
+        "100%",
+        description=(
+            "Most replicas one decision adds: a number, or a percentage of the replicas that exist (rounded up, at "
+            "least 1). Default: 100% (double)."
+        ),
+    )
+    max_scale_down_step: ReplicaStep = Field(
+        1,
+        description=(
+            "Most replicas one decision removes: a number, or a percentage of the replicas that exist (rounded up, "
+            "at least 1). Default: 1."
+        ),
+    )
+
+
+class AutoscalingSpec(ApiModel):
+    """Replicas follow the load the engines report on /metrics; the operator writes spec.replicas."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("!has(self.minReplicas) || self.minReplicas <= self.maxReplicas", MIN_MAX_MESSAGE, ".minReplicas"),
+                cel(
+                    "!has(self.minReplicas) || self.minReplicas != 0 || "
+                    "(has(self.behavior) && has(self.behavior.scaleToZeroAfterSeconds))",
+                    ZERO_NEEDS_DELAY_MESSAGE,
+                    ".minReplicas",
+                ),
+                cel(
+                    "!has(self.behavior) || !has(self.behavior.scaleToZeroAfterSeconds) || "
+                    "(has(self.minReplicas) && self.minReplicas == 0)",
+                    DELAY_NEEDS_ZERO_MESSAGE,
+                    ".behavior.scaleToZeroAfterSeconds",
+                ),
+            ]
+        }
+    )
+
+    min_replicas: int = Field(
+        1,
+        description=(
+            "Fewest replicas; 0 lets an idle LLMDeployment scale to zero (needs behavior.scaleToZeroAfterSeconds). "
+            "Default: 1."
+        ),
+        ge=0, le=MAX_REPLICAS,
+    )
+    max_replicas: int = Field(
+        description="Most replicas. Values above 1 need a cache every replica can mount (see cache.accessMode).",
+        ge=1, le=MAX_REPLICAS,
+    )
+    targets: list[AutoscalingTarget] = Field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        description=(
+            "Load per replica to aim for, one entry per metric; the replica count is the largest any target asks "
+            "for. Default: [{metric: requestsPerReplica, value: 16}]."
+        ),
+        min_length=1, max_length=4,
+        json_schema_extra={
+            "x-kubernetes-list-type": "atomic",
+            "x-kubernetes-validations": [
+                cel("self.all(t, self.exists_one(u, u.metric == t.metric))", UNIQUE_TARGETS_MESSAGE),
+            ],
+        },
+    )
+    behavior: AutoscalingBehavior = Field(
+        default_factory=AutoscalingBehavior,
+        description="Stabilization windows, delays and step sizes; the defaults suit most models.",
+    )
+
+    @model_validator(mode="after")
+    def _check_autoscaling(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(MIN_MAX_MESSAGE)
+        if len({target.metric for target in self.targets}) < len(self.targets):
+            raise ValueError(UNIQUE_TARGETS_MESSAGE)
+        zero_delay = self.behavior.scale_to_zero_after_seconds
+        if self.min_replicas == 0 and zero_delay is None:
+            raise ValueError(ZERO_NEEDS_DELAY_MESSAGE)
+        if self.min_replicas != 0 and zero_delay is not None:
+            raise ValueError(DELAY_NEEDS_ZERO_MESSAGE)
+        return self
+
+
 SHARED_CACHE_MESSAGE = (
-    "replicas > 1 need a cache every replica can mount: a ReadWriteOnce claim attaches to one node only, so "
-    "replicas on other nodes would wait forever; set cache.accessMode: ReadWriteMany (the storage class must "
-    "support it), bring a shared claim with cache.existingClaim, or set cache.enabled: false"
+    "replicas > 1 need a cache every replica can mount (spec.replicas and autoscaling.maxReplicas alike): a "
+    "ReadWriteOnce claim attaches to one node only, so replicas on other nodes would wait forever; set "
+    "cache.accessMode: ReadWriteMany (the storage class must support it), bring a shared claim with "
+    "cache.existingClaim, or set cache.enabled: false"
 )
 
 
@@ -491,7 +678,8 @@ class LLMDeploymentSpec(ApiModel):
                     ".engine.cpuKVCacheSpaceGiB",
                 ),
                 cel(
-                    "!has(self.replicas) || self.replicas <= 1 || (has(self.cache) && ((has(self.cache.enabled) && "
+                    "((!has(self.replicas) || self.replicas <= 1) && (!has(self.autoscaling) || "
+                    "self.autoscaling.maxReplicas <= 1)) || (has(self.cache) && ((has(self.cache.enabled) && "
                     "!self.cache.enabled) || has(self.cache.existingClaim) || (has(self.cache.accessMode) && "
                     "self.cache.accessMode == 'ReadWriteMany')))",
                     SHARED_CACHE_MESSAGE,
@@ -504,7 +692,22 @@ class LLMDeploymentSpec(ApiModel):
     model: ModelSpec = Field(description="The model to serve and how to load it.")
     accelerator: AcceleratorSpec = Field(description="Accelerator kind and count per replica.")
     engine: EngineSpec = Field(default_factory=EngineSpec, description="vLLM engine settings.")
-    replicas: int = Field(1, description="Number of engine replicas. Default: 1.", ge=0, le=1000)
+    replicas: int = Field(
+        1,
+        description=(
+            "Number of engine replicas. Default: 1. With autoscaling the operator writes it (through the scale "
+            "subresource), and a change by hand is overruled."
+        ),
+        ge=0, le=MAX_REPLICAS,
+    )
+    autoscaling: AutoscalingSpec | None = Field(
+        None,
+        description=(
+            "Scale replicas between minReplicas and maxReplicas on the load the engines report (requests, queue, "
+            "KV cache, tokens per second), with no Prometheus needed. Leave it out to set spec.replicas yourself "
+            "or with an HPA or KEDA."
+        ),
+    )
     cache: CacheSpec = Field(default_factory=CacheSpec, description="Model cache volume.")
     service: ServiceSpec = Field(default_factory=ServiceSpec, description="Service exposing the API.")
     api_key_secret_ref: KeyRef | None = Field(
@@ -558,12 +761,13 @@ class LLMDeploymentSpec(ApiModel):
         if self.accelerator.type != "cpu" and self.engine.cpu_kv_cache_space_gi_b is not None:
             raise ValueError("engine.cpuKVCacheSpaceGiB applies to accelerator type cpu only")
         cache = self.cache
-        if self.replicas > 1 and cache.enabled and cache.existing_claim is None and cache.access_mode != "ReadWriteMany":
+        most = max(self.replicas, self.autoscaling.max_replicas if self.autoscaling else 0)
+        if most > 1 and cache.enabled and cache.existing_claim is None and cache.access_mode != "ReadWriteMany":
             raise ValueError(SHARED_CACHE_MESSAGE)
         return self
 
 
-Phase = Literal["Pending", "Loading", "Ready", "Degraded", "Failed"]
+Phase = Literal["Pending", "Loading", "Ready", "Idle", "Degraded", "Failed"]
 
 
 class Condition(ApiModel):
@@ -577,10 +781,23 @@ class Condition(ApiModel):
     last_transition_time: str = Field(description="When status last changed (RFC 3339).")
 
 
+class AutoscalingStatus(ApiModel):
+    """What the built-in autoscaler wants, and its last change of spec.replicas."""
+
+    desired_replicas: int = Field(ge=0, description="Replicas the autoscaler asks for now.")
+    reason: str = Field(description="Why it asks for them, with the metric values it used.")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="Each target's metric over the decision window, per target metric."
+    )
+    last_scale_time: str | None = Field(None, description="When it last changed spec.replicas (RFC 3339).")
+
+
 class LLMDeploymentStatus(ApiModel):
     """Observed state of an LLMDeployment, written by the operator."""
 
-    phase: Phase | None = Field(None, description="Pending, Loading, Ready, Degraded or Failed.")
+    phase: Phase | None = Field(
+        None, description="Pending, Loading, Ready, Idle (scaled to zero by the autoscaler), Degraded or Failed."
+    )
     replicas: int | None = Field(None, description="Engine Pods that exist.")
     ready_replicas: int | None = Field(None, description="Engine Pods that are Ready.")
     ready: str | None = Field(None, description="Ready replicas / desired replicas, for kubectl get.")
@@ -594,6 +811,8 @@ class LLMDeploymentStatus(ApiModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     engine: EngineStats | None = Field(None, description="Live engine load from the replicas' /metrics.")
+    autoscaling: AutoscalingStatus | None = Field(None, description="The built-in autoscaler's decision, when "
+                                                  "spec.autoscaling is set.")
 
 
 def parse_model_source(name: str) -> tuple[str, str, str]:

@@ -37,6 +37,8 @@ PRINTER_COLUMNS = [
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "priority": 1},
     {"name": "Count", "type": "integer", "jsonPath": ".spec.accelerator.count", "priority": 1,
      "description": "Accelerators per replica"},
+    {"name": "Desired", "type": "integer", "jsonPath": ".status.autoscaling.desiredReplicas", "priority": 1,
+     "description": "Replicas the built-in autoscaler asks for"},
 ]
 
 

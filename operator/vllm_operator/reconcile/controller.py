@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from vllm_operator import api, observability
 from vllm_operator.api import LLMDeploymentSpec
+from vllm_operator.autoscale.decide import Autoscaler, Decision, LoadSample
 from vllm_operator.engines.metrics import EngineStats
 from vllm_operator.kube import Kube, KubeError
 from vllm_operator.reconcile.drift import controller_uid, matches, owned, stamped
@@ -72,6 +73,15 @@ class ChildOutcome:
     conflict: str | None = None  # an object of the child's name that is not ours
 
 
+@dataclass(frozen=True)
+class Scaled:
+    """The autoscaler's last write of spec.replicas."""
+
+    replicas: int
+    at: str  # RFC 3339
+    decision: Decision
+
+
 @dataclass
 class EngineView:
     stats: EngineStats | None = None
@@ -104,9 +114,15 @@ class Controller:
         self._failures: dict[Key, int] = {}  # failed reconciles in a row, for the retry backoff
         self._statuses: dict[Key, dict[str, Any]] = {}  # as last written
         self._written_at: dict[Key, float] = {}  # monotonic time of that write
+        self._specs: dict[Key, tuple[int, LLMDeploymentSpec]] = {}  # parsed spec, by generation
+        self.autoscalers: dict[Key, Autoscaler] = {}
+        self.decisions: dict[Key, Decision] = {}  # the autoscaler's latest
+        self._scaled: dict[Key, Scaled] = {}
+        self.autoscaler_conflicts: dict[Key, str] = {}
         self._posting: set[asyncio.Task[None]] = set()
         self._stores = (self.resources, self.children, self.replica_sets, self.pods, self.engines,
-                        self.apply_errors, self.conflicts, self._failures, self._statuses, self._written_at)
+                        self.apply_errors, self.conflicts, self._failures, self._statuses, self._written_at,
+                        self._specs, self.autoscalers, self.decisions, self._scaled, self.autoscaler_conflicts)
 
     # -- watch events -------------------------------------------------------------------------
 
@@ -208,12 +224,14 @@ class Controller:
             return True
         owner = Owner(meta["name"], meta["namespace"], meta["uid"])
         try:
-            spec = LLMDeploymentSpec.model_validate(body.get("spec") or {})
+            spec = self._spec(key, body)
         except ValidationError as error:
             await self._write_status(key, body, Observation(
                 meta["name"], meta["namespace"], meta.get("generation", 0), 0, spec_error=describe_validation_error(error),
             ))
             return True
+        if await self._apply_decision(key, body, spec):
+            return True  # the new generation brings the next reconcile
         synced = await self._sync_children(key, body, spec, owner)
         view = self.engines.get(key, EngineView())
         observation = Observation(
@@ -229,10 +247,95 @@ class Controller:
             engine=view.stats,
             unhealthy=view.unhealthy,
             apply_errors=tuple(self.apply_errors.get(key, ())),
-            conflicts=tuple(self.conflicts.get(key, ())),
+            conflicts=(*self.conflicts.get(key, ()), *filter(None, [self.autoscaler_conflicts.get(key)])),
+            autoscaling=self._autoscaling_status(key, spec),
         )
         await self._write_status(key, body, observation)
         return synced
+
+    def _spec(self, key: Key, body: Mapping[str, Any]) -> LLMDeploymentSpec:
+        """The parsed spec, once per generation: every scrape asks for it when autoscaling is on."""
+        generation = body["metadata"].get("generation", 0)
+        cached = self._specs.get(key)
+        if cached is None or cached[0] != generation:
+            cached = self._specs[key] = (generation, LLMDeploymentSpec.model_validate(body.get("spec") or {}))
+        return cached[1]
+
+    async def _apply_decision(self, key: Key, body: Mapping[str, Any], spec: LLMDeploymentSpec) -> bool:
+        """Write the autoscaler's replicas through the scale subresource; True when it wrote."""
+        decision = self.decisions.get(key)
+        if spec.autoscaling is None or decision is None or decision.desired == spec.replicas:
+            return False
+        self.autoscaler_conflicts.pop(key, None)
+        if conflict := await self._other_autoscaler(key):
+            self.autoscaler_conflicts[key] = conflict  # stands aside: two autoscalers would fight over replicas
+            return False
+        last = self._scaled.get(key)
+        await self.kube.scale(key[0], key[1], decision.desired)
+        observability.record_write("patch", "LLMDeployment/scale")
+        self._scaled[key] = Scaled(decision.desired, now_rfc3339(), decision)
+        if last is not None and last.replicas != spec.replicas:
+            # kubectl scale, an HPA or a GitOps sync set it: the autoscaler owns the field while it is on.
+            self._event(body, "Warning", "ScaleOverruled",
+                        f"spec.replicas {spec.replicas} was set outside spec.autoscaling and is set back to "
+                        f"{decision.desired}: {decision.reason}; change spec.autoscaling (minReplicas, maxReplicas) "
+                        "or remove it to scale by hand")
+        else:
+            self._event(body, "Normal", "Scaled", f"{spec.replicas} -> {decision.desired} replicas: {decision.reason}")
+        return True
+
+    async def _other_autoscaler(self, key: Key) -> str | None:
+        """An HPA (KEDA makes one too) that scales this LLMDeployment as well, worded for the status."""
+        listed = await self.kube.request("GET", f"/apis/autoscaling/v2/namespaces/{key[0]}/horizontalpodautoscalers")
+        for hpa in listed.get("items") or []:
+            target = (hpa.get("spec") or {}).get("scaleTargetRef") or {}
+            if (target.get("kind"), target.get("name")) == (api.KIND, key[1]) \
+                    and str(target.get("apiVersion", "")).startswith(f"{api.GROUP}/"):
+                return (f"HorizontalPodAutoscaler {hpa['metadata']['name']} also scales this LLMDeployment; the "
+                        "built-in autoscaler stands aside: remove spec.autoscaling or that autoscaler")
+        return None
+
+    def _autoscaling_status(self, key: Key, spec: LLMDeploymentSpec) -> dict[str, Any] | None:
+        decision = self.decisions.get(key)
+        if spec.autoscaling is None or decision is None:
+            return None
+        last = self._scaled.get(key)
+        shown = last.decision if last is not None else decision
+        # Metric values change with every scrape; the ones of the last scaling decision are the news.
+        status: dict[str, Any] = {"desiredReplicas": decision.desired, "reason": shown.reason,
+                                  "metrics": dict(shown.metrics)}
+        if last is not None:
+            status["lastScaleTime"] = last.at
+        return api.AutoscalingStatus.model_validate(status).model_dump(by_alias=True, exclude_none=True)
+
+    def _autoscale(self, key: Key, stats: EngineStats | None) -> None:
+        """Feed one scrape to the LLMDeployment's autoscaler; a new decision brings a reconcile."""
+        body = self.resources.get(key)
+        try:
+            spec = self._spec(key, body) if body is not None else None
+        except ValidationError:
+            spec = None
+        if spec is None or spec.autoscaling is None:
+            self.autoscalers.pop(key, None)
+            self.decisions.pop(key, None)
+            return
+        scaler = self.autoscalers.get(key)
+        if scaler is None:
+            scaler = self.autoscalers[key] = Autoscaler(spec.autoscaling)
+        else:
+            scaler.update_spec(spec.autoscaling)
+        now = time.monotonic()
+        # No engine answered: that is a sample too, or the load seen before a scale to zero would
+        # stand for the present and undo a wake-up.
+        scaler.observe(LoadSample(now, 0, 0, 0.0, 0.0, 0) if stats is None else LoadSample(
+            now, stats.requests_running, stats.requests_waiting, stats.kv_cache_usage_percent,
+            stats.generation_tokens_per_second, stats.scraped_replicas))
+        existing = sum(1 for pod in self.engine_pods(key).values() if not pod["metadata"].get("deletionTimestamp"))
+        decision = scaler.decide(spec.replicas, existing, now)
+        previous = self.decisions.get(key)
+        self.decisions[key] = decision
+        if decision.desired != spec.replicas or previous is None or previous.desired != decision.desired:
+            self.queue.add(key)
 
     def _deployment(self, key: Key) -> dict[str, Any] | None:
         """The engine Deployment, when it is this LLMDeployment's."""
@@ -393,6 +496,7 @@ class Controller:
         return targets
 
     def update_engine(self, key: Key, stats: EngineStats | None, unhealthy: dict[str, str]) -> None:
+        self._autoscale(key, stats)
         view = self.engines.setdefault(key, EngineView())
         before = view.stats
         view.stats, view.unhealthy, health_changed = stats, unhealthy, view.unhealthy != unhealthy

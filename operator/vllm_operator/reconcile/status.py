@@ -49,6 +49,8 @@ class Observation:
     apply_errors: Sequence[str] = ()
     # Objects named like a child that are not this LLMDeployment's, and so left alone.
     conflicts: Sequence[str] = ()
+    # status.autoscaling, when spec.autoscaling is set.
+    autoscaling: Mapping[str, Any] | None = None
 
 
 def _is_ready(pod: Mapping[str, Any]) -> bool:
@@ -166,7 +168,11 @@ def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> d
     problems += [Problem(pod, "EngineUnhealthy", f"pod {pod}: {why}") for pod, why in sorted(obs.unhealthy.items())]
     rolling = _rollout_in_progress(obs)
 
-    if obs.desired_replicas == 0:
+    if obs.desired_replicas == 0 and obs.autoscaling is not None:
+        phase, ready_reason = "Idle", "ScaledToZero"
+        ready_message = (f"scaled to zero: {obs.autoscaling['reason']}; the cache claim stays, and kubectl scale or "
+                         "a spec edit wakes it")
+    elif obs.desired_replicas == 0:
         phase, ready_reason, ready_message = "Pending", "ScaledToZero", "spec.replicas is 0"
     elif ready >= obs.desired_replicas and not problems:
         phase, ready_reason, ready_message = "Ready", "EngineReady", f"{ready}/{obs.desired_replicas} replicas ready"
@@ -204,6 +210,8 @@ def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> d
     for key, value in (("selector", obs.selector), ("endpoint", obs.endpoint), ("model", obs.served_model)):
         if value is not None:
             status[key] = value
+    if obs.autoscaling is not None:
+        status["autoscaling"] = dict(obs.autoscaling)
     if obs.engine is not None:
         status["engine"] = obs.engine.model_copy(update={"observed_at": now}).model_dump(by_alias=True, exclude_none=True)
     return status
