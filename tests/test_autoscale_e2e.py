@@ -62,7 +62,8 @@ def test_a_queue_building_up_adds_replicas(operator: OperatorProcess, cluster: C
     scaling = wait_for("status.autoscaling", lambda: (
         (o := llmd.get(cluster.api_client, namespace, NAME)) and (o["status"].get("autoscaling") or {}).get(
             "lastScaleTime") and o), 30)["status"]["autoscaling"]
-    assert scaling["desiredReplicas"] == 4 and "waitingRequests" in scaling["reason"], scaling
+    assert scaling["desiredReplicas"] == 4, scaling
+    assert "waitingRequests" in scaling["reason"], scaling
     assert obj is not None and apps(cluster).read_namespaced_deployment(NAME, namespace).spec.replicas == 4
     events = core(cluster).list_namespaced_event(namespace, field_selector=f"involvedObject.name={NAME}").items
     assert any(e.reason == "Scaled" for e in events)

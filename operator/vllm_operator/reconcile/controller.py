@@ -254,12 +254,18 @@ class Controller:
         return synced
 
     def _spec(self, key: Key, body: Mapping[str, Any]) -> LLMDeploymentSpec:
-        """The parsed spec, once per generation: every scrape asks for it when autoscaling is on."""
+        """The parsed spec. Kept per generation only when autoscaling is on (every scrape then asks for
+        it): a parsed spec is kilobytes, and a thousand of them would be most of the operator's memory."""
         generation = body["metadata"].get("generation", 0)
         cached = self._specs.get(key)
-        if cached is None or cached[0] != generation:
-            cached = self._specs[key] = (generation, LLMDeploymentSpec.model_validate(body.get("spec") or {}))
-        return cached[1]
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        spec = LLMDeploymentSpec.model_validate(body.get("spec") or {})
+        if spec.autoscaling is not None:
+            self._specs[key] = (generation, spec)
+        else:
+            self._specs.pop(key, None)
+        return spec
 
     async def _apply_decision(self, key: Key, body: Mapping[str, Any], spec: LLMDeploymentSpec) -> bool:
         """Write the autoscaler's replicas through the scale subresource; True when it wrote."""
@@ -311,10 +317,13 @@ class Controller:
     def _autoscale(self, key: Key, stats: EngineStats | None) -> None:
         """Feed one scrape to the LLMDeployment's autoscaler; a new decision brings a reconcile."""
         body = self.resources.get(key)
-        try:
-            spec = self._spec(key, body) if body is not None else None
-        except ValidationError:
-            spec = None
+        if body is None or not (body.get("spec") or {}).get("autoscaling"):
+            spec = None  # known without parsing the spec, on every scrape of every LLMDeployment
+        else:
+            try:
+                spec = self._spec(key, body)
+            except ValidationError:
+                spec = None
         if spec is None or spec.autoscaling is None:
             self.autoscalers.pop(key, None)
             self.decisions.pop(key, None)
