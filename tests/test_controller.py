@@ -6,6 +6,8 @@ import asyncio
 import json
 
 from vllm_operator.reconcile.controller import LAST_APPLIED, Controller, Key, WorkQueue, conflict_message, retry_delay, slim
+from test_status import observe, pod
+from vllm_operator.engines.metrics import EngineStats
 from vllm_operator.render.manifests import Owner
 
 
@@ -118,3 +120,42 @@ def test_conflict_messages_say_whose_object_it_is_and_what_to_do() -> None:
     earlier = {"metadata": {"ownerReferences": [{"kind": "LLMDeployment", "name": "llama", "uid": "uid-old",
                                                  "controller": True}]}}
     assert "earlier LLMDeployment" in conflict_message("Deployment", "llama", earlier, owner)
+
+
+class StatusRecorder:
+    """Stands in for Kube where only status writes and Events are reached; records the writes."""
+
+    def __init__(self) -> None:
+        self.statuses: list[dict] = []
+
+    async def apply_status(self, namespace: str, name: str, status: dict) -> dict:
+        self.statuses.append(status)
+        return {}
+
+    async def post_event(self, *_: object) -> None:
+        return None
+
+
+def load(waiting: int) -> EngineStats:
+    return EngineStats(requests_running=8, requests_waiting=waiting, kv_cache_usage_percent=40.0,
+                       prompt_tokens_per_second=100.0, generation_tokens_per_second=300.0, request_errors=0,
+                       scraped_replicas=1, last_scrape_time="2026-12-01T00:00:00Z")
+
+
+def test_figures_wait_for_the_interval_but_a_phase_change_does_not() -> None:
+    async def body() -> list[dict]:
+        kube = StatusRecorder()
+        controller = Controller(kube, status_min_interval=30, status_writes_per_second=100)  # type: ignore[arg-type]
+        resource = {"metadata": {"name": "llama", "namespace": "ai", "uid": "u1", "generation": 3}, "spec": {}}
+        controller.observe_resource("ADDED", resource)
+        key = ("ai", "llama")
+        ready = observe(pod("a", ready=True), engine=load(0))
+        await controller._write_status(key, resource, ready)
+        await controller._write_status(key, resource, observe(pod("a", ready=True), engine=load(1)))  # noise
+        await controller._write_status(key, resource, observe(pod("a", ready=True), engine=load(40)))  # paced
+        await controller._write_status(key, resource, observe(pod("a"), engine=load(40)))  # not ready: at once
+        return kube.statuses
+
+    written = asyncio.run(body())
+    assert [s["phase"] for s in written] == ["Ready", "Loading"]
+    assert written[-1]["engine"]["requestsWaiting"] == 40, "a write at once carries the newest figures"
