@@ -1,27 +1,37 @@
 """Leader election: the decisions as pure functions, then electors racing over the local cluster's
-real apiserver, which settles their races with resourceVersions."""
+real apiserver, which settles their races with resourceVersions, then the operator's own term: a
+failed one hands over and stops the operator, and an ended one leaves no leader-only metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import kopf
 import kubernetes
 import pytest
+from prometheus_client import REGISTRY, CollectorRegistry
 
+from devcluster.operatorproc import operator_env
 from devcluster.pytest_plugin import Cluster
+from vllm_operator import handlers, observability
+from vllm_operator.handlers import RunOptions
 from vllm_operator.kube import Credentials, Kube, object_path
 from vllm_operator.leader import (
-    Action, LeaderElector, Observed, decide, held_spec, microtime, observe, released_spec,
+    Action, LeaderElector, Observed, TermEnded, decide, held_spec, microtime, observe, released_spec,
 )
+from vllm_operator.reconcile.controller import Controller
 
 NOW = datetime(2026, 5, 1, 12, 0, 0, 250000, tzinfo=timezone.utc)
 STAMP = "2026-05-01T12:00:00.250000Z"
@@ -215,18 +225,21 @@ async def relayed(credentials: Credentials) -> AsyncIterator[tuple[Relay, Creden
 
 
 class Replica:
-    """An elector whose term records when it ended, on the wall clock that renewTimes are stamped with."""
+    """An elector whose term records when it ended, on the wall clock that renewTimes are stamped with,
+    and fails once ``failure`` is set."""
 
     def __init__(self, kube: Kube, namespace: str, identity: str) -> None:
         self.elector = LeaderElector(kube, namespace, LEASE, identity, **TIMING)
         self.working = False
         self.ended_at: float | None = None
+        self.failure = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
     async def _term(self) -> None:
         self.working = True
         try:
-            await asyncio.Event().wait()
+            await self.failure.wait()
+            raise RuntimeError("a bug in the work")
         finally:
             self.working, self.ended_at = False, time.time()
 
@@ -247,6 +260,12 @@ async def until(what: str, probe: Callable[[], bool], timeout: float) -> float:
         assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
         await asyncio.sleep(0.02)
     return time.monotonic() - started
+
+
+async def take(kube: Kube, namespace: str) -> None:
+    """Write another holder into the Lease, as a replica that took it over would."""
+    await kube.request("PATCH", object_path("Lease", namespace, LEASE), {"spec": {"holderIdentity": "intruder"}},
+                       content_type="application/merge-patch+json")
 
 
 async def leader(kube: Kube, namespace: str) -> Replica:
@@ -326,15 +345,197 @@ def test_a_leader_whose_lease_was_taken_stops_at_once(credentials: Credentials, 
     async def body() -> None:
         async with connected(credentials) as kube:
             a = await leader(kube, namespace)
-            take = asyncio.create_task(kube.request(
-                "PATCH", object_path("Lease", namespace, LEASE), {"spec": {"holderIdentity": "intruder"}},
-                content_type="application/merge-patch+json"))
+            taking = asyncio.create_task(take(kube, namespace))
             # Timed from when the take is sent, since it lands some time before it is answered.
             await until("a to stop working", lambda: not a.working, 3 * TIMING["retry_period"] + 0.5)
-            await take
+            await taking
             assert (await lease(kube, namespace))["spec"]["holderIdentity"] == "intruder"
             await a.stop()
             # Nothing released that was not a's.
             assert (await lease(kube, namespace))["spec"]["holderIdentity"] == "intruder"
 
     asyncio.run(body())
+
+
+@pytest.mark.cluster
+def test_a_leader_whose_term_fails_releases_the_lease_and_stops_campaigning(
+    credentials: Credentials, namespace: str,
+) -> None:
+    async def body() -> None:
+        async with connected(credentials) as kube, watched(credentials, namespace) as versions:
+            a = await leader(kube, namespace)
+            b = Replica(kube, namespace, "b").start()
+            a.failure.set()
+            task = a.task
+            assert task is not None
+            await until("a to stop campaigning", task.done, 2)
+            ended = task.exception()
+            assert isinstance(ended, TermEnded) and isinstance(ended.__cause__, RuntimeError)
+            assert a.elector.fault() is not None
+            await until("b to take over", lambda: b.working, 2)
+            # a released the Lease rather than leaving it to expire.
+            taken = await lease(kube, namespace)
+            *_, released, acquired = await versions.through(taken)
+            assert [released["spec"]["holderIdentity"], acquired["spec"]["holderIdentity"]] == ["", "b"]
+            await b.stop()
+
+    asyncio.run(body())
+
+
+@pytest.mark.cluster
+def test_a_leader_that_cannot_stop_its_term_fails_liveness(credentials: Credentials, namespace: str) -> None:
+    async def body() -> None:
+        unstuck = asyncio.Event()
+
+        async def stuck_term() -> None:
+            """Work whose clean-up does not finish once it is told to stop, as if stuck on a dead connection."""
+            try:
+                await asyncio.Event().wait()
+            finally:
+                await unstuck.wait()
+
+        async with relayed(credentials) as (relay, through_relay), connected(through_relay) as cut_off:
+            elector = LeaderElector(cut_off, namespace, LEASE, "a", **TIMING)
+            running = asyncio.create_task(elector.run(stuck_term))
+            try:
+                await until("a to lead", lambda: elector.leading, 2)
+                await asyncio.sleep(3 * TIMING["retry_period"])
+                assert elector.fault() is None
+                relay.cut()
+                # Past the renew deadline a tries to stop, cannot, and so never stops leading.
+                await until("liveness to fail", lambda: elector.fault() is not None, 3)
+                assert elector.leading
+            finally:
+                unstuck.set()
+                running.cancel()
+                await asyncio.gather(running, return_exceptions=True)
+
+    asyncio.run(body())
+
+
+# -- the operator's own term (handlers) -------------------------------------------------------------
+
+
+def gauge(name: str, **labels: str) -> float | None:
+    return REGISTRY.get_sample_value(name, labels)
+
+
+def phase_counts() -> dict[str, float]:
+    [family] = [metric for metric in REGISTRY.collect() if metric.name == "vllm_operator_llmdeployments"]
+    return {sample.labels["phase"]: sample.value for sample in family.samples}
+
+
+@pytest.fixture
+def replica_a(cluster: Cluster, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator's start-up and clean-up run replica "a" of the Lease in ``namespace``."""
+    monkeypatch.setattr(handlers, "OPTIONS", RunOptions(
+        kubeconfig=str(cluster.kubeconfig), metrics_port=0, leader_election_namespace=namespace,
+        leader_election_id=LEASE, identity="a"))
+    monkeypatch.setattr(handlers, "_state", {})
+    monkeypatch.setattr(handlers, "WORK_FAILED", asyncio.Event())
+    # Each start-up registers collectors of its own controller, which one registry takes only once.
+    monkeypatch.setattr(handlers, "REGISTRY", CollectorRegistry())
+
+
+@asynccontextmanager
+async def operating() -> AsyncIterator[None]:
+    """The operator's start-up and clean-up, as kopf runs them (without its watches)."""
+    await handlers.start(settings=kopf.OperatorSettings())
+    try:
+        yield
+    finally:
+        await handlers.stop()
+
+
+def is_leading() -> bool:
+    return gauge("vllm_operator_leader") == 1
+
+
+@pytest.mark.cluster
+@pytest.mark.usefixtures("replica_a")
+def test_an_operator_whose_work_fails_hands_over_fails_liveness_and_stops(
+    credentials: Credentials, namespace: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def body() -> None:
+        failure = asyncio.Event()
+
+        async def failing_workers(controller: Controller, count: int) -> None:
+            await failure.wait()
+            raise RuntimeError("a bug in the workers")
+
+        monkeypatch.setattr(Controller, "run_workers", failing_workers)
+        async with connected(credentials) as kube, watched(credentials, namespace) as versions, operating():
+            await until("a to lead", is_leading, 5)
+            assert await handlers.liveness() == "leading"
+            b = Replica(kube, namespace, "b").start()
+            failure.set()
+            await until("the operator to stop", handlers.WORK_FAILED.is_set, 5)
+            with pytest.raises(kopf.PermanentError):
+                await handlers.liveness()
+            await until("b to take over", lambda: b.working, 2)
+            taken = await lease(kube, namespace)
+            *_, released, acquired = await versions.through(taken)
+            assert [released["spec"]["holderIdentity"], acquired["spec"]["holderIdentity"]] == ["", "b"]
+            await b.stop()
+
+    asyncio.run(body())
+
+
+@pytest.mark.cluster
+@pytest.mark.usefixtures("replica_a")
+def test_a_replica_that_stops_leading_exports_no_phases(credentials: Credentials, namespace: str) -> None:
+    async def body() -> None:
+        async with connected(credentials) as kube, operating():
+            await until("a to lead", is_leading, 5)
+            # As the term's status writes record them.
+            observability.set_phase((namespace, "llama"), "Ready")
+            observability.set_phase((namespace, "qwen"), "Failed")
+            assert phase_counts()["Ready"] >= 1
+            await take(kube, namespace)
+            await until("a to stop leading", lambda: not is_leading(), 5)
+            assert set(phase_counts().values()) == {0}
+            assert gauge("vllm_operator_llmdeployment_phase", namespace=namespace, llmdeployment="llama",
+                         phase="Ready") is None
+
+    asyncio.run(body())
+
+
+# The operator, with its workers replaced by a bug that fails at once.
+FAILING_OPERATOR = """
+import sys
+
+from vllm_operator.reconcile.controller import Controller
+
+
+async def failing_workers(controller, count):
+    raise RuntimeError("a bug in the workers")
+
+
+Controller.run_workers = failing_workers
+from vllm_operator.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.cluster
+@pytest.mark.usefixtures("crd_installed")
+def test_an_operator_without_election_whose_work_fails_exits(
+    cluster: Cluster, namespace: str, tmp_path: Path,
+) -> None:
+    # Nothing else notices a single replica that watches but no longer works: it must exit to be restarted.
+    log_file = tmp_path / "operator.log"
+    command = [sys.executable, "-c", FAILING_OPERATOR, "run", "--kubeconfig", str(cluster.kubeconfig),
+               "--metrics-port", "0", "--health-port", "0", "--namespace", namespace]
+    with log_file.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**operator_env(), "KUBECONFIG": str(cluster.kubeconfig)})
+    try:
+        code = process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        pytest.fail(f"the operator kept running after its work failed:\n{log_file.read_text()[-3000:]}")
+    output = log_file.read_text()
+    assert code == 1, output[-3000:]
+    assert "a bug in the workers" in output

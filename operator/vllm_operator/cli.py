@@ -88,6 +88,7 @@ def _configure_logging(fmt: str, level: str) -> None:
     if level != "debug":
         # Per-event "handler succeeded" lines and health-probe access lines would drown the rest.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        logging.getLogger("kopf.activities.probe").setLevel(logging.WARNING)
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 

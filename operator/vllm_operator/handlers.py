@@ -92,7 +92,8 @@ async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
     credentials = Credentials.load(OPTIONS.kubeconfig)
     kube = Kube(credentials, qps=OPTIONS.kube_qps, burst=OPTIONS.kube_burst)
     controller = Controller(kube, OPTIONS.status_min_interval, OPTIONS.status_writes_per_second)
-    REGISTRY.register(EngineLoadCollector(lambda: {key: view.stats for key, view in controller.engines.items()}))
+    loads = EngineLoadCollector(lambda: {key: view.stats for key, view in controller.engines.items()})
+    REGISTRY.register(loads)
     clients = [kube]
     if OPTIONS.leader_election_namespace:
         # A connection of its own: a renewal queued behind a burst of reconcile writes could miss
@@ -106,14 +107,14 @@ async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
     else:
         task = asyncio.create_task(_work(controller), name="work")
     task.add_done_callback(_work_ended)
-    _state.update(clients=clients, controller=controller, task=task)
+    _state.update(clients=clients, controller=controller, task=task, collector=loads)
 
 
 def _work_ended(task: asyncio.Task[None]) -> None:
     if task.cancelled():  # by clean-up
         return
     # Exit, as controller-runtime's manager does when a runnable fails: a restarted process starts
-    # afresh from the watches, and a standby has taken the released Lease meanwhile.
+    # afresh from the watches (and with leader election, a standby has taken the released Lease).
     log.error("the operator's work has ended; stopping", exc_info=task.exception())
     WORK_FAILED.set()
 
@@ -161,6 +162,8 @@ async def stop(**_: Any) -> None:
         await asyncio.gather(_state["task"], return_exceptions=True)
     for client in _state.get("clients", []):
         await client.close()
+    if "collector" in _state:
+        REGISTRY.unregister(_state.pop("collector"))
 
 
 # Handlers are coroutines on purpose: kopf runs plain functions in threads, and the controller's

@@ -7,6 +7,14 @@ A holder that cannot renew within the renew deadline stops working, and the rene
 shorter than the lease duration, so it has stopped before anyone else may start. Writes carry the
 resourceVersion that was read: when two replicas race, the apiserver lets one win and gives the
 other a 409.
+
+A term that ends on its own (its work raised, or returned) ends the campaign: ``run`` releases the
+Lease, so that a standby takes over at once, and raises TermEnded for the caller to exit the process.
+Kubernetes' own controllers do the same: client-go's OnStoppedLeading exits, and controller-runtime's
+manager exits once a runnable fails, releasing the Lease on the way out (ReleaseOnCancel). The failure
+was not planned for, so what the term left in memory cannot be trusted; a fresh process starts from
+the watched state. Holding on would leave the operator doing nothing, and campaigning again would
+repeat the bug unnoticed.
 """
 
 from __future__ import annotations
@@ -28,6 +36,10 @@ from vllm_operator.kube import Kube, KubeError
 log = logging.getLogger("vllm_operator.leader")
 
 Spec = Mapping[str, Any]
+
+
+class TermEnded(Exception):
+    """The work run while leading ended on its own; the Lease has been released (if it could be)."""
 
 
 class Action(enum.Enum):
@@ -105,24 +117,43 @@ class LeaderElector:
         self._observed: Observed | None = None
         self._lease: dict[str, Any] | None = None  # as last written by this replica
         self._renewed_at = 0.0
+        # The term, from when the Lease is won until the term has stopped (not merely been told to).
         self._term: asyncio.Task[None] | None = None
+        self._ended: asyncio.Task[None] | None = None  # a term that ended on its own
 
     @property
     def leading(self) -> bool:
         return self._term is not None
 
+    def fault(self) -> str | None:
+        """Why this replica should be restarted (for its liveness probe), or None."""
+        if self._ended is not None:
+            return "the work run while leading has ended"
+        # Past the renew deadline a leader stops its term, so only a term that will not stop keeps it
+        # leading longer. Flagged once the lease duration has passed too, as client-go's health check
+        # flags an expired lease: from then on another replica may lead while this one still works.
+        if self.leading and self._clock() >= self._renewed_at + self.lease_duration:
+            return f"still leading {self._clock() - self._renewed_at:.0f}s after the last renewal of the lease"
+        return None
+
     async def run(self, lead: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Campaign until cancelled; ``lead()`` runs as a task exactly while this replica holds the Lease."""
+        """Campaign until cancelled, or until a term ends on its own (TermEnded); ``lead()`` runs as a
+        task exactly while this replica holds the Lease."""
         log.info(f"campaigning for lease {self.namespace}/{self.name} as {self.identity}")
         try:
-            while True:
+            while self._ended is None:
                 await self._round(lead)
-                await asyncio.sleep(self._pause())
+                await self._pause()
         finally:
             if self.leading:
                 # Stop working first: nothing may be written once a standby can take over.
-                await self._stop_leading("shutting down", logging.INFO)
+                failed = self._ended is not None
+                await self._stop_leading("its work ended" if failed else "shutting down",
+                                         logging.ERROR if failed else logging.INFO)
                 await self._release()
+        assert self._ended is not None  # the loop ends only so; cancelled, it has raised already
+        message = f"the work run while leading lease {self.namespace}/{self.name} ended"
+        raise TermEnded(message) from self._ended.exception()
 
     async def _round(self, lead: Callable[[], Coroutine[Any, Any, None]]) -> None:
         now = self._clock()
@@ -140,14 +171,20 @@ class LeaderElector:
             if not self.leading:
                 log.info(f"became the leader (lease {self.namespace}/{self.name})")
                 self._term = asyncio.create_task(lead(), name="leader-term")
+                self._term.add_done_callback(self._term_done)
         elif self.leading:
             await self._stop_leading("another replica took the lease")
 
-    def _pause(self) -> float:
-        if not self.leading:
-            return self.retry_period
-        # Wake up no later than the renew deadline, to stop working in time.
-        return max(0.0, min(self.retry_period, self._renewed_at + self.renew_deadline - self._clock()))
+    def _term_done(self, term: asyncio.Task[None]) -> None:
+        self._ended = term  # not stopped by _stop_leading, which removes this callback first
+
+    async def _pause(self) -> None:
+        if self._term is None:
+            await asyncio.sleep(self.retry_period)
+            return
+        # Wake up no later than the renew deadline, to stop working in time, and at once if the term ends.
+        pause = max(0.0, min(self.retry_period, self._renewed_at + self.renew_deadline - self._clock()))
+        await asyncio.wait({self._term}, timeout=pause)
 
     async def _try_acquire_or_renew(self, now: float) -> bool:
         try:
@@ -178,10 +215,13 @@ class LeaderElector:
         return True
 
     async def _stop_leading(self, reason: str, level: int = logging.WARNING) -> None:
-        term, self._term = self._term, None
-        if term is not None:
-            term.cancel()
-            await asyncio.gather(term, return_exceptions=True)
+        assert self._term is not None
+        # From here on the term's end is this elector's doing, not a failure of the work.
+        self._term.remove_done_callback(self._term_done)
+        self._term.cancel()
+        # Leading until the term has stopped: one that never does fails the liveness probe.
+        await asyncio.gather(self._term, return_exceptions=True)
+        self._term = None
         log.log(level, f"stopped leading: {reason}")
 
     async def _release(self) -> None:

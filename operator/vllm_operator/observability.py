@@ -62,6 +62,8 @@ def record_write(verb: str, kind: str) -> None:
 
 
 def set_phase(key: tuple[str, str], phase: str | None) -> None:
+    if _phases.get(key) == phase:
+        return  # called on every reconcile: recounting is only for a change
     if phase is None:
         _phases.pop(key, None)
     else:

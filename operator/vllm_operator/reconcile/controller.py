@@ -447,6 +447,8 @@ class Controller:
         if change is not Change.FIGURES:
             self.budget.cancel(key)  # nothing to write, or something that goes at once
             if change is Change.NONE:
+                # A new leader finds most statuses settled: they count in its phase gauges all the same.
+                observability.set_phase(key, status.get("phase"))
                 return
         elif wait := self._figures_wait(key):
             self.queue.add_after(key, wait)  # the newest figures then, not these
