@@ -44,6 +44,7 @@ ACCELERATORS = [
     {"type": "nvidia", "count": 2},
     {"type": "amd", "count": 4},
     {"type": "gaudi", "count": 8},
+    {"type": "intel-gpu", "count": 2},
     {"type": "cpu"},
 ]
 
@@ -117,6 +118,40 @@ def test_gaudi_profile_defaults_block_size_and_hpu_env() -> None:
     env = {e["name"]: e.get("value") for e in engine_env(one)}
     assert env["HABANA_VISIBLE_DEVICES"] == "all"
     assert env["PT_HPU_ENABLE_LAZY_COLLECTIVES"] == "true"
+
+
+def test_intel_gpus_run_tensor_parallel_with_no_environment_of_their_own() -> None:
+    one = spec(accelerator={"type": "intel-gpu", "count": 4})
+    args = engine_args(one, "x")
+    assert args[args.index("--tensor-parallel-size") + 1] == "4"
+    env = {e["name"] for e in engine_env(one)}
+    assert not {n for n in env if n.startswith(("ZE_", "VLLM_OPENVINO_", "VLLM_CPU_"))}
+
+
+@pytest.mark.parametrize(("accelerator", "device"), [({"type": "cpu"}, "CPU"), ({"type": "intel-gpu"}, "GPU")])
+def test_openvino_settings_become_its_variables(accelerator: dict, device: str) -> None:
+    openvino = {"kvCacheSpaceGiB": 100, "enableQuantizedWeights": True}
+    if device == "CPU":
+        openvino["kvCachePrecision"] = "u8"
+    one = spec(accelerator=accelerator, engine={"backend": "openvino", "openvino": openvino,
+                                                "enableChunkedPrefill": True, "maxNumBatchedTokens": 256})
+    env = {e["name"]: e.get("value") for e in engine_env(one)}
+    assert env["VLLM_OPENVINO_DEVICE"] == device
+    assert env["VLLM_OPENVINO_KVCACHE_SPACE"] == "100"
+    assert env["VLLM_OPENVINO_ENABLE_QUANTIZED_WEIGHTS"] == "ON"
+    assert env.get("VLLM_OPENVINO_CPU_KV_CACHE_PRECISION") == ("u8" if device == "CPU" else None)
+    assert "VLLM_CPU_KVCACHE_SPACE" not in env  # vLLM's own CPU backend is not running
+    args = engine_args(one, "x")
+    assert "--enable-chunked-prefill" in args and args[args.index("--max-num-batched-tokens") + 1] == "256"
+
+
+def test_openvino_defaults_leave_its_variables_unset() -> None:
+    env = {e["name"]: e.get("value") for e in engine_env(spec(accelerator={"type": "cpu"},
+                                                              engine={"backend": "openvino"}))}
+    assert {n for n in env if n.startswith("VLLM_OPENVINO_")} == {"VLLM_OPENVINO_DEVICE"}
+    off = spec(accelerator={"type": "cpu"},
+               engine={"backend": "openvino", "openvino": {"enableQuantizedWeights": False}})
+    assert {e["name"]: e.get("value") for e in engine_env(off)}["VLLM_OPENVINO_ENABLE_QUANTIZED_WEIGHTS"] == "OFF"
 
 
 def test_secrets_only_through_secret_key_refs() -> None:

@@ -71,7 +71,30 @@ CATALOG: list[tuple[str, dict[str, Any], str]] = [
     ("cuda-graph-on-cpu", {"spec.accelerator": {"type": "cpu"}, "spec.engine.cudaGraph": {"mode": "FULL"}},
      "applies to GPU accelerators"),
     ("cpu-kv-cache-on-gpu", {"spec.engine.cpuKVCacheSpaceGiB": 4}, "applies to accelerator type cpu only"),
-    ("product-on-gaudi", {"spec.accelerator": {"type": "gaudi", "product": "HL-225"}}, "nvidia and amd only"),
+    ("product-on-gaudi", {"spec.accelerator": {"type": "gaudi", "product": "HL-225"}},
+     "nvidia, amd and intel-gpu only"),
+    ("intel-resource-on-nvidia", {"spec.accelerator.intelGpuResource": "xe"}, "applies to type intel-gpu only"),
+    ("intel-resource-unknown", {"spec.accelerator": {"type": "intel-gpu", "intelGpuResource": "i965"}},
+     "Unsupported value"),
+    ("openvino-on-nvidia", {"spec.engine.backend": "openvino"}, "runs on accelerator types cpu and intel-gpu only"),
+    ("openvino-lora", {"spec.accelerator": {"type": "cpu"}, "spec.engine": {
+        "backend": "openvino", "extraArgs": ["--enable-lora", "--max-loras=2"]}}, "does not support LoRA"),
+    ("openvino-tensor-parallel", {"spec.accelerator": {"type": "intel-gpu", "count": 2},
+                                  "spec.engine.backend": "openvino"}, "does not support tensor or pipeline"),
+    ("openvino-tp-on-cpu", {"spec.accelerator": {"type": "cpu"}, "spec.engine": {
+        "backend": "openvino", "tensorParallelSize": 2}}, "does not support tensor or pipeline"),
+    ("openvino-bfloat16", {"spec.accelerator": {"type": "cpu"}, "spec.engine": {
+        "backend": "openvino", "dtype": "bfloat16"}}, "float32 only"),
+    ("openvino-kv-cache-dtype", {"spec.accelerator": {"type": "cpu"}, "spec.engine": {
+        "backend": "openvino", "kvCacheDtype": "fp8"}}, "use engine.openvino.kvCachePrecision"),
+    ("openvino-block-size", {"spec.accelerator": {"type": "cpu"}, "spec.engine": {
+        "backend": "openvino", "blockSize": 16}}, "picks its own"),
+    ("openvino-settings-without-backend", {"spec.accelerator": {"type": "cpu"}, "spec.engine.openvino": {
+        "kvCacheSpaceGiB": 8}}, "only with engine.backend: openvino"),
+    ("openvino-cpu-kv-space", {"spec.accelerator": {"type": "cpu"}, "spec.engine": {
+        "backend": "openvino", "cpuKVCacheSpaceGiB": 8}}, "use engine.openvino.kvCacheSpaceGiB"),
+    ("openvino-u8-on-gpu", {"spec.accelerator": {"type": "intel-gpu"}, "spec.engine": {
+        "backend": "openvino", "openvino": {"kvCachePrecision": "u8"}}}, "applies to accelerator type cpu only"),
     ("zero-accelerators", {"spec.accelerator.count": 0}, "greater than or equal to 1"),
     ("secret-ref-without-key", {"spec.apiKeySecretRef": {"name": "api"}}, "key"),
     ("pipeline-not-dividing", {"spec.accelerator.count": 8, "spec.engine.pipelineParallelSize": 3}, "multiple of"),
@@ -113,6 +136,15 @@ CATALOG: list[tuple[str, dict[str, Any], str]] = [
 
 # (case id, {dotted path: value}): specs at the edges of the rules above that both must accept.
 ACCEPTED: list[tuple[str, dict[str, Any]]] = [
+    ("intel-gpu-xe-tp4", {"spec.accelerator": {"type": "intel-gpu", "count": 4, "product": "Max_1550",
+                                               "intelGpuResource": "xe"}, "spec.engine.tensorParallelSize": 4}),
+    ("openvino-on-intel-gpu", {"spec.accelerator": {"type": "intel-gpu", "count": 1}, "spec.engine": {
+        "backend": "openvino", "dtype": "float32", "tensorParallelSize": 1,
+        "openvino": {"kvCacheSpaceGiB": 8, "enableQuantizedWeights": False}}}),
+    ("openvino-on-cpu-every-field", {"spec.accelerator": {"type": "cpu"}, "spec.engine": {
+        "backend": "openvino", "openvino": {"kvCacheSpaceGiB": 100, "kvCachePrecision": "u8",
+                                            "enableQuantizedWeights": True},
+        "enableChunkedPrefill": True, "maxNumBatchedTokens": 256, "extraArgs": ["--no-enable-lora"]}}),
     ("autoscaling-one-replica-on-one-node-cache", {"spec.autoscaling": {"maxReplicas": 1}}),
     ("autoscaling-defaults-with-shared-cache", {"spec.autoscaling": {"maxReplicas": 4},
                                                 "spec.cache.accessMode": "ReadWriteMany"}),

@@ -53,6 +53,34 @@ def test_gaudi_resources_and_capability() -> None:
     assert container["securityContext"]["capabilities"]["add"] == ["SYS_NICE"]
 
 
+@pytest.mark.parametrize(("choice", "resource"), [(None, "gpu.intel.com/i915"), ("xe", "gpu.intel.com/xe")])
+def test_intel_gpu_resource_tolerations_product_and_image(choice: str | None, resource: str) -> None:
+    accelerator = {"type": "intel-gpu", "count": 2, "product": "Max_1550"}
+    if choice:
+        accelerator["intelGpuResource"] = choice
+    pod = pod_spec(spec(accelerator=accelerator))
+    container = pod["containers"][0]
+    assert container["resources"]["limits"] == container["resources"]["requests"] == {resource: "2"}
+    for key in ("gpu.intel.com/i915", "gpu.intel.com/xe"):
+        assert {"key": key, "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["nodeSelector"] == {"gpu.intel.com/product": "Max_1550"}
+    assert container["image"] == "vllm/vllm-openai-xpu:v0.32.0"
+    # The device plugin hands the cards to the container: no capability is added back.
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/dev/shm"}
+
+
+@pytest.mark.parametrize(("accelerator", "image"), [
+    ({"type": "cpu"}, "opea/vllm-openvino:1.1"),
+    ({"type": "intel-gpu"}, "opea/vllm-arc:latest"),
+])
+def test_openvino_backend_has_its_own_image_unless_one_is_given(accelerator: dict, image: str) -> None:
+    openvino = {"backend": "openvino"}
+    assert pod_spec(spec(accelerator=accelerator, engine=openvino))["containers"][0]["image"] == image
+    mine = spec(accelerator=accelerator, engine={**openvino, "image": "registry.example.com/ov:1"})
+    assert pod_spec(mine)["containers"][0]["image"] == "registry.example.com/ov:1"
+
+
 def test_cpu_requests_no_accelerator_and_may_surge() -> None:
     manifest = deployment(spec(accelerator={"type": "cpu"}, resources={"requests": {"cpu": "4"}}), OWNER)
     container = manifest["spec"]["template"]["spec"]["containers"][0]

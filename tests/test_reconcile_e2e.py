@@ -25,6 +25,8 @@ EXAMPLE_NODES = {
     "mistral-7b-tp4": {"gpu-h100-0", "gpu-h100-1"},
     "llama3-70b-gaudi-tp8": {"gaudi-0"},
     "cpu-qwen": {"cpu-0"},
+    "intel-gpu-qwen-tp2": {"intel-gpu-0"},
+    "cpu-openvino": {"cpu-0"},
 }
 
 
@@ -84,6 +86,30 @@ def test_example_lands_on_its_accelerator_and_becomes_ready(
     row = listed[1].split()
     accelerator = manifest["spec"]["accelerator"]["type"]
     assert row[:5] == [resource, manifest["spec"]["model"]["name"], accelerator, "1/1", "Ready"]
+
+
+@pytest.mark.parametrize(("name", "image", "limits", "env", "flags"), [
+    ("intel-gpu-qwen-tp2", "vllm/vllm-openai-xpu:v0.32.0", {"gpu.intel.com/i915": "2"}, {},
+     ["--tensor-parallel-size", "2"]),
+    ("cpu-openvino", "opea/vllm-openvino:1.1", {"memory": "160Gi"},
+     {"VLLM_OPENVINO_DEVICE": "CPU", "VLLM_OPENVINO_KVCACHE_SPACE": "100",
+      "VLLM_OPENVINO_CPU_KV_CACHE_PRECISION": "u8", "VLLM_OPENVINO_ENABLE_QUANTIZED_WEIGHTS": "ON"},
+     ["--max-num-batched-tokens", "256", "--enable-chunked-prefill"]),
+])
+def test_intel_examples_run_with_their_image_resource_environment_and_flags(
+    operator: OperatorProcess, cluster: Cluster, namespace: str, name: str, image: str, limits: dict,
+    env: dict, flags: list[str],
+) -> None:
+    manifest = small(llmd.example(name))
+    resource = manifest["metadata"]["name"]
+    llmd.create(cluster.api_client, namespace, manifest)
+    llmd.wait_phase(cluster.api_client, namespace, resource, "Ready", 90)
+    [pod] = llmd.owned_pods(cluster.api_client, namespace, resource)
+    container = pod.spec.containers[0]
+    assert container.image == image
+    assert container.resources.limits == limits
+    assert env.items() <= {e.name: e.value for e in container.env}.items()
+    assert " ".join(flags) in " ".join(container.args)
 
 
 def test_spec_change_rolls_the_engine(operator: OperatorProcess, cluster: Cluster, namespace: str) -> None:

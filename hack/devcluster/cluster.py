@@ -378,6 +378,9 @@ class LocalCluster:
         if self.is_running():
             pids = ", ".join(f"{p.name} {p.pid()}" for p in self.processes())
             out(f"local cluster already running ({pids})")
+            # Nodes declared since it started are added now; the running kwok takes over any node it finds.
+            with self.api_client() as api:
+                nodes.ensure_nodes(api)
             return False
         if any(p.pid() is not None for p in self.processes()):
             out("local cluster partly running: restarting it")

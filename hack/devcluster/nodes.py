@@ -65,12 +65,17 @@ class SimulatedNode:
 
 
 H100_PRODUCT = "NVIDIA-H100-80GB-HBM3"
+INTEL_GPU_PRODUCT = "Max_1550"
 NODES = (
     *(SimulatedNode(f"gpu-h100-{i}", f"127.0.20.{10 + i}", {"nvidia.com/gpu": "8"},
                     {"nvidia.com/gpu.product": H100_PRODUCT, "nvidia.com/gpu.count": "8"},
                     (("nvidia.com/gpu", "present"),)) for i in range(2)),
     SimulatedNode("gaudi-0", "127.0.20.20", {"habana.ai/gaudi": "8"}, {"habana.ai/gaudi": "true"},
                   (("habana.ai/gaudi", "present"),)),
+    # Intel's GPU device plugin advertises gpu.intel.com/i915; its NFD rules add the product and presence labels.
+    SimulatedNode("intel-gpu-0", "127.0.20.40", {"gpu.intel.com/i915": "4"},
+                  {"gpu.intel.com/product": INTEL_GPU_PRODUCT, "intel.feature.node.kubernetes.io/gpu": "true"},
+                  (("gpu.intel.com/i915", "present"),)),
     SimulatedNode("cpu-0", "127.0.20.30"),
 )
 

@@ -144,7 +144,13 @@ class ModelSpec(ApiModel):
         return self
 
 
-AcceleratorType = Literal["nvidia", "amd", "gaudi", "cpu"]
+AcceleratorType = Literal["nvidia", "amd", "gaudi", "intel-gpu", "cpu"]
+PRODUCT_TYPES = ("nvidia", "amd", "intel-gpu")
+PRODUCT_MESSAGE = "accelerator.product selects a GPU model and applies to types nvidia, amd and intel-gpu only"
+INTEL_GPU_RESOURCE_MESSAGE = (
+    "accelerator.intelGpuResource chooses the Intel device plugin's resource (gpu.intel.com/i915 or "
+    "gpu.intel.com/xe) and applies to type intel-gpu only"
+)
 
 
 class AcceleratorSpec(ApiModel):
@@ -160,16 +166,21 @@ class AcceleratorSpec(ApiModel):
                     ".count",
                 ),
                 cel(
-                    "!has(self.product) || self.type == 'nvidia' || self.type == 'amd'",
-                    "accelerator.product selects a GPU model and applies to types nvidia and amd only",
+                    f"!has(self.product) || self.type in [{', '.join(repr(t) for t in PRODUCT_TYPES)}]",
+                    PRODUCT_MESSAGE,
                     ".product",
                 ),
+                cel("!has(self.intelGpuResource) || self.type == 'intel-gpu'", INTEL_GPU_RESOURCE_MESSAGE,
+                    ".intelGpuResource"),
             ]
         }
     )
 
     type: AcceleratorType = Field(
-        description="Accelerator kind: nvidia (nvidia.com/gpu), amd (amd.com/gpu), gaudi (habana.ai/gaudi) or cpu."
+        description=(
+            "Accelerator kind: nvidia (nvidia.com/gpu), amd (amd.com/gpu), gaudi (habana.ai/gaudi), intel-gpu "
+            "(gpu.intel.com/i915 or gpu.intel.com/xe) or cpu."
+        )
     )
     count: int | None = Field(
         None, description="Accelerators per replica (GPU/Gaudi types only). Default: 1.", ge=1, le=64
@@ -178,9 +189,17 @@ class AcceleratorSpec(ApiModel):
         None,
         description=(
             "GPU product label value, e.g. NVIDIA-H100-80GB-HBM3; becomes a node selector on "
-            "nvidia.com/gpu.product (nvidia) or amd.com/gpu.product-name (amd)."
+            "nvidia.com/gpu.product (nvidia), amd.com/gpu.product-name (amd) or gpu.intel.com/product "
+            "(intel-gpu, e.g. Max_1550 or Flex_170)."
         ),
         min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+    )
+    intel_gpu_resource: Literal["i915", "xe"] | None = Field(
+        None,
+        description=(
+            "Intel GPUs only: the resource Intel's GPU device plugin advertises on the nodes, named after the "
+            "kernel driver that runs the cards: i915 (gpu.intel.com/i915) or xe (gpu.intel.com/xe). Default: i915."
+        ),
     )
 
     @model_validator(mode="after")
@@ -190,8 +209,10 @@ class AcceleratorSpec(ApiModel):
                 "accelerator.count is the number of GPUs or Gaudi cards per replica; remove it for type cpu "
                 "(size CPU replicas with spec.resources)"
             )
-        if self.product is not None and self.type not in ("nvidia", "amd"):
-            raise ValueError("accelerator.product selects a GPU model and applies to types nvidia and amd only")
+        if self.product is not None and self.type not in PRODUCT_TYPES:
+            raise ValueError(PRODUCT_MESSAGE)
+        if self.intel_gpu_resource is not None and self.type != "intel-gpu":
+            raise ValueError(INTEL_GPU_RESOURCE_MESSAGE)
         return self
 
     @property
@@ -245,12 +266,74 @@ KVCacheDType = Literal[
 ]
 
 
+class OpenVINOSpec(ApiModel):
+    """Settings of vLLM's OpenVINO backend (engine.backend: openvino), passed as its environment variables."""
+
+    kv_cache_space_gi_b: int | None = Field(
+        None,
+        alias="kvCacheSpaceGiB",
+        description="KV cache size in GiB (VLLM_OPENVINO_KVCACHE_SPACE). Default: the backend's (4 on CPUs).",
+        ge=1, le=4096,
+    )
+    kv_cache_precision: Literal["u8"] | None = Field(
+        None,
+        description=(
+            "KV cache precision on CPUs (VLLM_OPENVINO_CPU_KV_CACHE_PRECISION): u8 halves the cache's memory. "
+            "Default: f16 or bf16, as the CPU supports."
+        ),
+    )
+    enable_quantized_weights: bool | None = Field(
+        None,
+        description=(
+            "Compress the weights to 8 bits while loading (VLLM_OPENVINO_ENABLE_QUANTIZED_WEIGHTS=ON). "
+            "Default: off."
+        ),
+    )
+
+
+# The OpenVINO backend's limits (vLLM's OpenVINO installation guide and platform code): one device, float32
+# compute, its own KV cache precision and block size, no LoRA. It would cast, override or ignore these silently.
+IS_OPENVINO = "has(self.backend) && self.backend == 'openvino'"
+OPENVINO_LORA_PATTERN = "^--(enable-lora|lora-modules)(=.*)?$"
+OPENVINO_FIELDS_MESSAGE = "engine.openvino applies only with engine.backend: openvino"
+OPENVINO_DTYPES = ("auto", "float", "float32")
+OPENVINO_DTYPE_MESSAGE = "the OpenVINO backend computes in float32 only: remove engine.dtype or set it to float32"
+OPENVINO_KV_DTYPE_MESSAGE = (
+    "engine.kvCacheDtype is not supported by the OpenVINO backend: use engine.openvino.kvCachePrecision"
+)
+OPENVINO_BLOCK_SIZE_MESSAGE = (
+    "engine.blockSize is not supported by the OpenVINO backend, which picks its own (32 on CPUs, 16 on GPUs)"
+)
+OPENVINO_LORA_MESSAGE = "engine.extraArgs: the OpenVINO backend does not support LoRA (--enable-lora, --lora-modules)"
+OPENVINO_ACCELERATOR_MESSAGE = "engine.backend openvino runs on accelerator types cpu and intel-gpu only"
+OPENVINO_ONE_DEVICE_MESSAGE = (
+    "the OpenVINO backend does not support tensor or pipeline parallelism: accelerator.count, "
+    "engine.tensorParallelSize and engine.pipelineParallelSize must be 1"
+)
+OPENVINO_CPU_KV_MESSAGE = (
+    "engine.cpuKVCacheSpaceGiB sizes the cache of vLLM's own CPU backend; with engine.backend openvino use "
+    "engine.openvino.kvCacheSpaceGiB"
+)
+OPENVINO_GPU_PRECISION_MESSAGE = (
+    "engine.openvino.kvCachePrecision u8 is not supported by the OpenVINO backend on GPUs (it uses f16 there); "
+    "it applies to accelerator type cpu only"
+)
+
+
 class EngineSpec(ApiModel):
     """vLLM engine settings. Unset fields keep vLLM's or the accelerator profile's default."""
 
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
+                cel(f"!has(self.openvino) || ({IS_OPENVINO})", OPENVINO_FIELDS_MESSAGE, ".openvino"),
+                cel(f"!({IS_OPENVINO}) || !has(self.dtype) || self.dtype in "
+                    f"[{', '.join(repr(d) for d in OPENVINO_DTYPES)}]", OPENVINO_DTYPE_MESSAGE, ".dtype"),
+                cel(f"!({IS_OPENVINO}) || !has(self.kvCacheDtype)", OPENVINO_KV_DTYPE_MESSAGE, ".kvCacheDtype"),
+                cel(f"!({IS_OPENVINO}) || !has(self.blockSize)", OPENVINO_BLOCK_SIZE_MESSAGE, ".blockSize"),
+                cel(f"!({IS_OPENVINO}) || !has(self.extraArgs) || "
+                    f"!self.extraArgs.exists(a, a.matches('{OPENVINO_LORA_PATTERN}'))",
+                    OPENVINO_LORA_MESSAGE, ".extraArgs"),
                 cel(
                     "!has(self.maxNumBatchedTokens) || !has(self.maxNumSeqs) || self.maxNumBatchedTokens >= self.maxNumSeqs",
                     "engine.maxNumBatchedTokens must be at least engine.maxNumSeqs",
@@ -260,8 +343,16 @@ class EngineSpec(ApiModel):
         }
     )
 
+    backend: Literal["vllm", "openvino"] | None = Field(
+        None,
+        description=(
+            "vllm: the accelerator's own vLLM build. openvino: vLLM on Intel's OpenVINO runtime (accelerator types "
+            "cpu and intel-gpu, one device, its own image). Default: vllm."
+        ),
+    )
+    openvino: OpenVINOSpec | None = Field(None, description="OpenVINO backend settings (with backend: openvino).")
     image: str | None = Field(
-        None, description="Engine container image. Default: the accelerator profile's vLLM image.",
+        None, description="Engine container image. Default: the accelerator profile's image for the backend.",
         min_length=1, max_length=512, pattern=r"^[^\s]+$",
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
@@ -360,6 +451,17 @@ class EngineSpec(ApiModel):
     def _check_engine(self) -> EngineSpec:
         if errors := extra_args_errors(self.extra_args):
             raise ValueError("engine.extraArgs: " + "; ".join(errors))
+        if self.openvino is not None and self.backend != "openvino":
+            raise ValueError(OPENVINO_FIELDS_MESSAGE)
+        if self.backend == "openvino":
+            if self.dtype not in (None, *OPENVINO_DTYPES):
+                raise ValueError(OPENVINO_DTYPE_MESSAGE)
+            if self.kv_cache_dtype is not None:
+                raise ValueError(OPENVINO_KV_DTYPE_MESSAGE)
+            if self.block_size is not None:
+                raise ValueError(OPENVINO_BLOCK_SIZE_MESSAGE)
+            if any(re.match(OPENVINO_LORA_PATTERN, arg) for arg in self.extra_args):
+                raise ValueError(OPENVINO_LORA_MESSAGE)
         if any(var.name in SECRET_ENV_NAMES and var.value is not None for var in self.env):
             raise ValueError(SECRET_ENV_MESSAGE)
         if (
@@ -638,6 +740,7 @@ class AutoscalingSpec(ApiModel):
         return self
 
 
+SPEC_IS_OPENVINO = "has(self.engine.backend) && self.engine.backend == 'openvino'"
 SHARED_CACHE_MESSAGE = (
     "replicas > 1 need a cache every replica can mount (spec.replicas and autoscaling.maxReplicas alike): a "
     "ReadWriteOnce claim attaches to one node only, so replicas on other nodes would wait forever; set "
@@ -676,6 +779,30 @@ class LLMDeploymentSpec(ApiModel):
                     "self.accelerator.type == 'cpu' || !has(self.engine) || !has(self.engine.cpuKVCacheSpaceGiB)",
                     "engine.cpuKVCacheSpaceGiB applies to accelerator type cpu only",
                     ".engine.cpuKVCacheSpaceGiB",
+                ),
+                cel(
+                    f"!has(self.engine) || !({SPEC_IS_OPENVINO}) || self.accelerator.type in ['cpu', 'intel-gpu']",
+                    OPENVINO_ACCELERATOR_MESSAGE,
+                    ".engine.backend",
+                ),
+                cel(
+                    f"!has(self.engine) || !({SPEC_IS_OPENVINO}) || ((!has(self.accelerator.count) || "
+                    "self.accelerator.count == 1) && (!has(self.engine.tensorParallelSize) || "
+                    "self.engine.tensorParallelSize == 1) && (!has(self.engine.pipelineParallelSize) || "
+                    "self.engine.pipelineParallelSize == 1))",
+                    OPENVINO_ONE_DEVICE_MESSAGE,
+                    ".engine.backend",
+                ),
+                cel(
+                    f"!has(self.engine) || !({SPEC_IS_OPENVINO}) || !has(self.engine.cpuKVCacheSpaceGiB)",
+                    OPENVINO_CPU_KV_MESSAGE,
+                    ".engine.cpuKVCacheSpaceGiB",
+                ),
+                cel(
+                    "self.accelerator.type != 'intel-gpu' || !has(self.engine) || !has(self.engine.openvino) || "
+                    "!has(self.engine.openvino.kvCachePrecision)",
+                    OPENVINO_GPU_PRECISION_MESSAGE,
+                    ".engine.openvino.kvCachePrecision",
                 ),
                 cel(
                     "((!has(self.replicas) || self.replicas <= 1) && (!has(self.autoscaling) || "
@@ -760,6 +887,16 @@ class LLMDeploymentSpec(ApiModel):
             raise ValueError("engine.cudaGraph applies to GPU accelerators (nvidia, amd)")
         if self.accelerator.type != "cpu" and self.engine.cpu_kv_cache_space_gi_b is not None:
             raise ValueError("engine.cpuKVCacheSpaceGiB applies to accelerator type cpu only")
+        if self.engine.backend == "openvino":
+            if self.accelerator.type not in ("cpu", "intel-gpu"):
+                raise ValueError(OPENVINO_ACCELERATOR_MESSAGE)
+            if max(self.accelerator.count or 1, self.engine.tensor_parallel_size or 1, pp) > 1:
+                raise ValueError(OPENVINO_ONE_DEVICE_MESSAGE)
+            if self.engine.cpu_kv_cache_space_gi_b is not None:
+                raise ValueError(OPENVINO_CPU_KV_MESSAGE)
+        openvino = self.engine.openvino
+        if self.accelerator.type == "intel-gpu" and openvino is not None and openvino.kv_cache_precision is not None:
+            raise ValueError(OPENVINO_GPU_PRECISION_MESSAGE)
         cache = self.cache
         most = max(self.replicas, self.autoscaling.max_replicas if self.autoscaling else 0)
         if most > 1 and cache.enabled and cache.existing_claim is None and cache.access_mode != "ReadWriteMany":

@@ -36,6 +36,16 @@ class EngineContainer:
     env: tuple[dict, ...]
 
 
+def engine_image(spec: LLMDeploymentSpec) -> str:
+    """spec.engine.image, else the profile's image for the chosen backend."""
+    profile = profile_for(spec.accelerator.type)
+    if spec.engine.image is not None:
+        return spec.engine.image
+    if spec.engine.backend == "openvino" and profile.openvino_image is not None:
+        return profile.openvino_image
+    return profile.image
+
+
 def served_model_name(spec: LLMDeploymentSpec, name: str) -> str:
     return spec.model.served_name or name
 
@@ -117,6 +127,21 @@ def _secret_env(name: str, ref: KeyRef) -> dict:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
 
 
+def _openvino_env(spec: LLMDeploymentSpec, profile: AcceleratorProfile) -> dict[str, str]:
+    """The OpenVINO backend reads its settings from these variables; unset ones keep its defaults."""
+    env = {"VLLM_OPENVINO_DEVICE": profile.openvino_device or "CPU"}
+    settings = spec.engine.openvino
+    if settings is None:
+        return env
+    if settings.kv_cache_space_gi_b is not None:
+        env["VLLM_OPENVINO_KVCACHE_SPACE"] = str(settings.kv_cache_space_gi_b)
+    if settings.kv_cache_precision is not None:
+        env["VLLM_OPENVINO_CPU_KV_CACHE_PRECISION"] = settings.kv_cache_precision
+    if settings.enable_quantized_weights is not None:
+        env["VLLM_OPENVINO_ENABLE_QUANTIZED_WEIGHTS"] = "ON" if settings.enable_quantized_weights else "OFF"
+    return env
+
+
 def engine_env(spec: LLMDeploymentSpec) -> list[dict]:
     """Environment of the engine container; spec.engine.env entries win over the operator's."""
     profile = profile_for(spec.accelerator.type)
@@ -135,7 +160,10 @@ def engine_env(spec: LLMDeploymentSpec) -> list[dict]:
         put("HF_HUB_OFFLINE", "1")
     for key, value in profile.env.items():
         put(key, value)
-    if spec.accelerator.type == "cpu":
+    if spec.engine.backend == "openvino":
+        for key, value in _openvino_env(spec, profile).items():
+            put(key, value)
+    elif spec.accelerator.type == "cpu":
         put("VLLM_CPU_KVCACHE_SPACE", str(spec.engine.cpu_kv_cache_space_gi_b or CPU_KV_CACHE_SPACE_GIB_DEFAULT))
     if spec.model.hf_token_secret_ref is not None:
         env["HF_TOKEN"] = _secret_env("HF_TOKEN", spec.model.hf_token_secret_ref)

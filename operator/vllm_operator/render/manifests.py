@@ -13,8 +13,9 @@ from vllm_operator.render.engine_args import (
     ENGINE_PORT,
     MODEL_MOUNT,
     engine_container,
+    engine_image,
 )
-from vllm_operator.render.profiles import profile_for
+from vllm_operator.render.profiles import device_resource, profile_for
 
 Manifest = dict[str, Any]
 
@@ -77,7 +78,7 @@ def _metadata(owner: Owner, name: str, component: str, owned: bool = True) -> di
 def _resources(spec: LLMDeploymentSpec) -> dict[str, Any]:
     requests = {k: str(v) for k, v in spec.resources.requests.items()}
     limits = {k: str(v) for k, v in spec.resources.limits.items()}
-    resource_name = profile_for(spec.accelerator.type).resource_name
+    resource_name = device_resource(spec.accelerator.type, spec.accelerator.intel_gpu_resource)
     if resource_name is not None:
         # Extended resources must have requests equal to limits.
         requests[resource_name] = limits[resource_name] = str(spec.accelerator.devices)
@@ -129,7 +130,7 @@ def _engine_container(spec: LLMDeploymentSpec, owner: Owner, mounts: list[dict[s
     engine = engine_container(spec, owner.name)
     container: dict[str, Any] = {
         "name": "vllm",
-        "image": spec.engine.image or profile.image,
+        "image": engine_image(spec),
         "imagePullPolicy": spec.engine.image_pull_policy or "IfNotPresent",
         "command": list(engine.command),
         "args": list(engine.args),

@@ -1,4 +1,4 @@
-"""Accelerator profiles: everything that differs between NVIDIA, AMD, Intel Gaudi and CPU nodes.
+"""Accelerator profiles: everything that differs between NVIDIA, AMD, Intel Gaudi, Intel GPU and CPU nodes.
 
 Adding a backend means adding one profile here (and its tests); the manifest and argument
 builders read nothing accelerator-specific from anywhere else.
@@ -31,10 +31,17 @@ class AcceleratorProfile:
     graph_capture: bool = False
     # Devices are scarce: a rollout never asks for more than the replicas already hold.
     scarce: bool = True
+    # engine.backend openvino: its image and VLLM_OPENVINO_DEVICE; None where OpenVINO does not run.
+    openvino_image: str | None = None
+    openvino_device: str | None = None
 
 
-def _tolerate(key: str) -> tuple[Mapping[str, str], ...]:
-    return (MappingProxyType({"key": key, "operator": "Exists", "effect": "NoSchedule"}),)
+def _tolerate(*keys: str) -> tuple[Mapping[str, str], ...]:
+    return tuple(MappingProxyType({"key": key, "operator": "Exists", "effect": "NoSchedule"}) for key in keys)
+
+
+# Intel's GPU device plugin names its resource after the kernel driver of the cards: i915, or the newer xe.
+INTEL_GPU_RESOURCES: Mapping[str, str] = MappingProxyType({"i915": "gpu.intel.com/i915", "xe": "gpu.intel.com/xe"})
 
 
 PROFILES: Mapping[str, AcceleratorProfile] = MappingProxyType({
@@ -69,6 +76,18 @@ PROFILES: Mapping[str, AcceleratorProfile] = MappingProxyType({
         capabilities=("SYS_NICE",),
         default_block_size=128,
     ),
+    "intel-gpu": AcceleratorProfile(
+        type="intel-gpu",
+        image=f"vllm/vllm-openai-xpu:v{VLLM_VERSION}",
+        resource_name=INTEL_GPU_RESOURCES["i915"],
+        product_label="gpu.intel.com/product",
+        tolerations=_tolerate(*INTEL_GPU_RESOURCES.values()),
+        # No environment of its own: vLLM's XPU platform picks spawned workers itself, and ZE_AFFINITY_MASK (its
+        # device mask) stays unset because the device plugin exposes only the cards it allocated to the Pod.
+        openvino_image="opea/vllm-arc:latest",
+        # The device plugin exposes only the cards it allocated, so the first GPU is the Pod's.
+        openvino_device="GPU",
+    ),
     "cpu": AcceleratorProfile(
         type="cpu",
         image=f"public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:v{VLLM_VERSION}",
@@ -78,6 +97,8 @@ PROFILES: Mapping[str, AcceleratorProfile] = MappingProxyType({
         # start; without AOT, inductor's cache on the volume serves a restart.
         env=MappingProxyType({"VLLM_USE_AOT_COMPILE": "0"}),
         scarce=False,
+        openvino_image="opea/vllm-openvino:1.1",
+        openvino_device="CPU",
     ),
 })
 
@@ -86,3 +107,10 @@ CPU_KV_CACHE_SPACE_GIB_DEFAULT = 4
 
 def profile_for(accelerator_type: str) -> AcceleratorProfile:
     return PROFILES[accelerator_type]
+
+
+def device_resource(accelerator_type: str, intel_gpu_resource: str | None) -> str | None:
+    """The extended resource one replica's devices are requested as (None for CPU)."""
+    if accelerator_type == "intel-gpu" and intel_gpu_resource is not None:
+        return INTEL_GPU_RESOURCES[intel_gpu_resource]
+    return profile_for(accelerator_type).resource_name
