@@ -102,3 +102,24 @@ def test_an_idle_model_scales_to_zero_and_keeps_its_cache(
     wait_for("the engine Pods to go", lambda: not llmd.owned_pods(cluster.api_client, namespace, NAME), 60)
     assert core(cluster).read_namespaced_persistent_volume_claim(cache_claim_name(NAME), namespace)
     assert core(cluster).read_namespaced_service(NAME, namespace), "the endpoint stays resolvable"
+
+
+def test_an_hpa_on_the_same_llmdeployment_makes_the_autoscaler_stand_aside(
+    operator: OperatorProcess, cluster: Cluster, namespace: str
+) -> None:
+    llmd.create(cluster.api_client, namespace, autoscaled(
+        minReplicas=1, maxReplicas=4, targets=[{"metric": "waitingRequests", "value": 10}]))
+    llmd.wait_phase(cluster.api_client, namespace, NAME, "Ready", 90)
+    client.AutoscalingV2Api(cluster.api_client).create_namespaced_horizontal_pod_autoscaler(namespace, {
+        "metadata": {"name": "theirs"},
+        "spec": {"scaleTargetRef": {"apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": api.KIND, "name": NAME},
+                 "minReplicas": 1, "maxReplicas": 2,
+                 "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {
+                     "type": "Utilization", "averageUtilization": 80}}}]}})
+    busy = {**IDLE, "vllm:num_requests_waiting": 40}
+    conflicted = wait_for("the AutoscalerConflict condition", lambda: (
+        set_loads(cluster, namespace, busy)
+        and (obj := llmd.get(cluster.api_client, namespace, NAME))
+        and (llmd.condition(obj, "Degraded") or {}).get("reason") == "AutoscalerConflict" and obj), 60, 1)
+    assert "HorizontalPodAutoscaler theirs" in llmd.condition(conflicted, "Degraded")["message"]
+    assert replicas(cluster, namespace) == 1, "the built-in autoscaler wrote replicas despite the HPA"

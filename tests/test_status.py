@@ -149,3 +149,10 @@ def test_a_new_llmdeployment_that_comes_up_is_one_phase_event() -> None:
     assert [e[1] for e in events] == ["Ready"]
     back = compute_status(observe(pod("a")), steps[-1], LATER)
     assert [e[1] for e in status_events(steps[-1], back)] == ["Loading"], "leaving Ready is news"
+
+
+def test_a_second_autoscaler_is_reported() -> None:
+    status = compute_status(observe(pod("a", ready=True), autoscaler_conflict="HorizontalPodAutoscaler x also "
+                                    "scales this LLMDeployment"), {}, NOW)
+    assert status["phase"] == "Degraded"
+    assert conditions(status)["Degraded"]["reason"] == "AutoscalerConflict"

@@ -247,7 +247,8 @@ class Controller:
             engine=view.stats,
             unhealthy=view.unhealthy,
             apply_errors=tuple(self.apply_errors.get(key, ())),
-            conflicts=(*self.conflicts.get(key, ()), *filter(None, [self.autoscaler_conflicts.get(key)])),
+            conflicts=tuple(self.conflicts.get(key, ())),
+            autoscaler_conflict=self.autoscaler_conflicts.get(key),
             autoscaling=self._autoscaling_status(key, spec),
         )
         await self._write_status(key, body, observation)

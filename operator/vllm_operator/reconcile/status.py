@@ -51,6 +51,8 @@ class Observation:
     conflicts: Sequence[str] = ()
     # status.autoscaling, when spec.autoscaling is set.
     autoscaling: Mapping[str, Any] | None = None
+    # Another autoscaler (an HPA, KEDA's) that targets this LLMDeployment too.
+    autoscaler_conflict: str | None = None
 
 
 def _is_ready(pod: Mapping[str, Any]) -> bool:
@@ -164,6 +166,8 @@ def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> d
     children = [Problem("", "ChildConflict", conflict, blocking=True) for conflict in obs.conflicts]
     children += [Problem("", "ApplyFailed", error, blocking=True) for error in obs.apply_errors]
     children += deployment_problems(obs.deployment)
+    if obs.autoscaler_conflict is not None:
+        children.append(Problem("", "AutoscalerConflict", obs.autoscaler_conflict))
     problems = children + [problem for p in pods for problem in pod_problems(p)]
     problems += [Problem(pod, "EngineUnhealthy", f"pod {pod}: {why}") for pod, why in sorted(obs.unhealthy.items())]
     rolling = _rollout_in_progress(obs)
