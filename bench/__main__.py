@@ -10,7 +10,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
-from bench import burst, engine_start, fleet, latency, sizes
+from bench import burst, engine_start, fleet, freshness, latency, memory, sizes
 from bench.report import DOC, Row, previous_results, text_table, write_doc
 from bench.rig import SCRAPE_INTERVAL, Out, Rig, kubeconfig_answers, llmdeployment, rig
 from bench.tracker import expected_children, tracking
@@ -19,7 +19,9 @@ from devcluster.cluster import ClusterError, LocalCluster
 MEASUREMENTS = {
     "apply": "apply -> children latency of single applies",
     "burst": "every burst size (the last one also builds the fleet), judged against the control plane's own floor",
-    "fleet": "idle cost, steady traffic, scrape sweep and memory on the fleet (runs the fleet's burst)",
+    "fleet": "Events, idle cost, steady traffic, status freshness, scrape sweep and memory on the fleet "
+             "(runs the fleet's burst)",
+    "memory": "peak RSS as the fleet grows to each size of the slope table (runs the fleet's burst)",
     "engine-start": "real vLLM start-up with a cold and a warm compile cache",
 }
 
@@ -45,20 +47,37 @@ async def _guarded(figure: str, work: Awaitable[Row | list[Row]]) -> list[Row]:
     return result if isinstance(result, list) else [result]
 
 
-async def _bursts(setting: Rig, size: sizes.Size, selected: set[str]) -> list[Row]:
+def _burst_counts(size: sizes.Size, selected: set[str]) -> list[int]:
+    counts = [n for n in size.bursts[:-1] if "burst" in selected]
+    return counts + [size.fleet] if selected & {"burst", "fleet", "memory"} else counts
+
+
+def namespaces(size: sizes.Size, selected: set[str]) -> list[str]:
+    """Where the selected measurements put LLMDeployments: the only namespaces the operator serves."""
+    found = [latency.NAMESPACE] if "apply" in selected else []
+    found += [burst.namespace_for(count) for count in _burst_counts(size, selected)]
+    return found + [engine_start.NAMESPACE] if "engine-start" in selected else found
+
+
+async def _bursts(setting: Rig, size: sizes.Size, selected: set[str]) -> tuple[list[Row], list[str]]:
     """The bursts and the control-plane floor measured after them, each burst judged against that floor; then
-    the rows of the fleet the last burst built."""
+    the rows of the fleet the last burst built, and the section on memory as that fleet grows."""
     timed: list[burst.Burst | Row] = []
     fleet_rows: list[Row] = []
-    counts = [n for n in size.bursts[:-1] if "burst" in selected]
-    if selected & {"burst", "fleet"}:
-        counts.append(size.fleet)
-    for count in counts:
+    sections: list[str] = []
+    for count in _burst_counts(size, selected):
         async with setting.namespace(burst.namespace_for(count)) as namespace:
             async with tracking(setting.kube, namespace, expected_children(llmdeployment("probe", namespace))) as seen:
                 timed.append(await _attempt(f"burst of {count:,}", burst.measure(setting, seen, namespace, count)))
                 if count == size.fleet and "fleet" in selected:
                     fleet_rows += await _guarded("fleet", fleet.measure(setting, seen, namespace, size))
+                if count == size.fleet and "memory" in selected:
+                    slope = await _attempt("memory", memory.measure(setting, seen, namespace, size))
+                    if isinstance(slope, memory.Slope):
+                        fleet_rows.append(slope.row())
+                        sections.append(slope.table())
+                    else:
+                        fleet_rows.append(slope)
     floor: burst.Floor | Row | None = None
     if "burst" in selected:
         async with setting.namespace(burst.floor_namespace_for(size.fleet)) as namespace:
@@ -67,22 +86,25 @@ async def _bursts(setting: Rig, size: sizes.Size, selected: set[str]) -> list[Ro
     rows = [each.row(measured) if isinstance(each, burst.Burst) else each for each in timed]
     if floor is not None:
         rows.append(floor.row() if isinstance(floor, burst.Floor) else floor)
-    return rows + fleet_rows
+    return rows + fleet_rows, sections
 
 
-async def run(kubeconfig: Path, size: sizes.Size, selected: set[str], out: Out) -> list[Row]:
+async def run(kubeconfig: Path, size: sizes.Size, selected: set[str], out: Out) -> tuple[list[Row], list[str]]:
+    """The rows of the table, and the sections that follow it."""
     rows: list[Row] = []
-    async with rig(kubeconfig, size.fleet, out) as setting:
+    sections: list[str] = []
+    async with rig(kubeconfig, size.largest("memory" in selected), namespaces(size, selected), out) as setting:
         if "apply" in selected:
             out("apply -> children")
             rows += await _guarded("apply -> children", latency.measure(setting, size))
-        if selected & {"burst", "fleet"}:
-            out("bursts" + (" and the fleet" if "fleet" in selected else ""))
-            rows += await _bursts(setting, size, selected)
+        if selected & {"burst", "fleet", "memory"}:
+            out("bursts" + "".join(f" and the {name}" for name in ("fleet", "memory") if name in selected))
+            burst_rows, sections = await _bursts(setting, size, selected)
+            rows += burst_rows
         if "engine-start" in selected:
             out("engine start")
             rows += await _guarded("engine start", engine_start.measure(setting, size))
-    return rows
+    return rows, sections
 
 
 def _cluster() -> tuple[Path, LocalCluster | None]:
@@ -114,16 +136,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:
-        rows = asyncio.run(run(kubeconfig, size, selected, _out))
+        rows, sections = asyncio.run(run(kubeconfig, size, selected, _out))
     finally:
         if started is not None:
             started.down(_out)
-    _out("\n" + text_table(rows, previous))
+    _out("\n" + "\n\n".join([text_table(rows, previous), *sections]))
     if args.only:
         _out("\n(--only: docs/benchmarks.md left as it was)")
     else:
-        methods = [m.method(size) for m in (latency, burst, fleet, engine_start)]
-        _out(f"\nwritten to {write_doc(rows, previous, size, SCRAPE_INTERVAL, methods)}")
+        methods = [m.method(size) for m in (latency, burst, fleet, freshness, memory, engine_start)]
+        _out(f"\nwritten to {write_doc(rows, previous, size, SCRAPE_INTERVAL, methods, sections)}")
     return 0
 
 

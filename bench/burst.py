@@ -75,18 +75,19 @@ class Burst:
                    ratio <= TARGET_RATIO if judged else None)
 
 
-async def measure(rig: Rig, tracker: Tracker, namespace: str, count: int) -> Burst:
-    manifests = [llmdeployment(f"llmd-{i:04d}", namespace) for i in range(count)]
+async def measure(rig: Rig, tracker: Tracker, namespace: str, count: int, start: int = 0) -> Burst:
+    """Apply LLMDeployments ``start`` up to ``count`` at once (the ones before exist already) and time them."""
+    manifests = [llmdeployment(f"llmd-{i:04d}", namespace) for i in range(start, count)]
     cpu_before = cpu_seconds(rig.operator_pid)
     started = time.monotonic()
     await asyncio.gather(*(rig.kube.apply_llmdeployment(manifest) for manifest in manifests))
     sent = time.monotonic() - started
     await tracker.wait(f"{count} LLMDeployments with children and a current status",
-                       lambda: len(tracker.done_at) >= count, max(120.0, count * 0.5))
+                       lambda: len(tracker.done_at) >= count, max(120.0, len(manifests) * 0.5))
     cpu = cpu_seconds(rig.operator_pid) - cpu_before
     took = max(tracker.done_at.values()) - started
-    rig.out(f"  burst of {count}: done in {took:.1f}s (applies sent in {sent:.1f}s), operator CPU {cpu:.1f}s")
-    return Burst(count, took, cpu)
+    rig.out(f"  burst of {len(manifests)}: done in {took:.1f}s (applies sent in {sent:.1f}s), operator CPU {cpu:.1f}s")
+    return Burst(len(manifests), took, cpu)
 
 
 def floor_children(namespace: str, count: int) -> list[Obj]:

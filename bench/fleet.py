@@ -4,12 +4,15 @@ idle and while busy, how fresh its status is, the scrape sweep's duration, and t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bench import freshness, metrics
+from bench.kube import Obj
 from bench.report import Row
 from bench.rig import SCRAPE_INTERVAL, Out, Rig, cpu_seconds, peak_rss_mib
 from devcluster.simengines import admin_url as simengines_admin_url
@@ -33,6 +36,8 @@ EVENTS_TARGET = 2.0
 STEADY_TARGET = 60 / STATUS_MIN_INTERVAL_SECONDS
 SETTLE_TIMEOUT = 900.0
 DEFERRED_METRIC = "vllm_operator_status_writes_deferred_total"
+WRITES_METRIC = "vllm_operator_api_writes_total"
+STATUS_KIND = "LLMDeployment/status"
 
 
 def method(size: Size) -> str:
@@ -45,6 +50,12 @@ still for two scrape intervals.
 **Events per new LLMDeployment**: the Events with source `vllm-operator` in the fleet's namespace once it has
 settled (each counted `count` times), divided by the fleet size: everything the operator told people while
 {size.fleet:,} new LLMDeployments came up to `Ready`.
+
+**another writer**: the benchmark runs the operator on its own namespaces only (`--namespace`). From the idle
+window to the phase change below, its watch counts the new versions of the fleet's LLMDeployments; more than the
+operator's own count of its status writes (`{WRITES_METRIC}`, kind `{STATUS_KIND}`) means another client wrote them
+too (on a shared cluster, a second operator serving every namespace), and every row measured in that span fails,
+marked invalid.
 
 **idle cost**: the apiserver's `apiserver_request_total` (its own `/metrics`, which has no user label) is
 read before and after {span} of idle engines; the difference on the resources the operator writes
@@ -59,12 +70,13 @@ and the controller manager write Events of their own. The operator's own count o
 (`vllm_operator_api_writes_total`) is shown beside it.
 
 **steady traffic**: the simulated engines are switched to busy (their counters grow every second), and once every
-LLMDeployment's status shows it, the apiserver's count of writes to `llmdeployments/status` over the next {span} is
-divided by the fleet size and scaled to a minute. The operator runs with its default `--status-min-interval` of
-{STATUS_MIN_INTERVAL_SECONDS:g} s, so the target is at most one write per LLMDeployment per interval, whatever the
-scrape interval. The rates the operator derives from the engines' counters wobble from scrape to scrape (the
-counters grow once a second, the scrapes come every {SCRAPE_INTERVAL:g} s), so this is busy traffic whose figures
-move, not a fleet standing still.
+LLMDeployment's status shows it, the operator's own count of its status writes (`{WRITES_METRIC}`, kind
+`{STATUS_KIND}`) over the next {span} is divided by the fleet size and scaled to a minute: it counts the fleet's
+writes alone, where the apiserver's counts are the whole cluster's. The operator runs with its default
+`--status-min-interval` of {STATUS_MIN_INTERVAL_SECONDS:g} s, so the target is at most one write per LLMDeployment
+per interval, whatever the scrape interval. The rates the operator derives from the engines' counters wobble from
+scrape to scrape (the counters grow once a second, the scrapes come every {SCRAPE_INTERVAL:g} s), so this is busy
+traffic whose figures move, not a fleet standing still.
 
 **scrape sweep**: the operator's histogram `{SWEEP_METRIC}` over the idle window, one observation per sweep of
 every engine's `/health` and `/metrics`. Every sweep is judged, not their mean: the target holds only when
@@ -82,6 +94,7 @@ class Window:
     requests: metrics.Requests  # apiserver requests served in the window
     operator_events: float
     operator_writes: float
+    status_writes: float  # the operator's, of LLMDeployment status
     operator_cpu: float
     sweeps: float
     sweep_seconds: float
@@ -106,6 +119,11 @@ class Window:
         if not self.sweeps:
             return float("inf")
         return min((le for le, count in self.sweep_buckets.items() if count >= self.sweeps), default=float("inf"))
+
+
+def own_status_writes(operator_metrics: str) -> float:
+    return sum(value for labels, value in metrics.samples(operator_metrics, WRITES_METRIC)
+               if labels["kind"] == STATUS_KIND)
 
 
 async def _snapshot(rig: Rig) -> tuple[float, str, str, float]:
@@ -141,7 +159,8 @@ async def window(rig: Rig, namespace: str, seconds: float) -> Window:
         seconds=ended - began,
         requests=+requests,
         operator_events=events1 - events0,
-        operator_writes=delta("vllm_operator_api_writes_total"),
+        operator_writes=delta(WRITES_METRIC),
+        status_writes=own_status_writes(operator1) - own_status_writes(operator0),
         operator_cpu=cpu1 - cpu0,
         sweeps=delta(f"{SWEEP_METRIC}_count"),
         sweep_seconds=delta(f"{SWEEP_METRIC}_sum"),
@@ -194,16 +213,37 @@ def events_row(reasons: Counter[str], count: int) -> Row:
                per_resource <= EVENTS_TARGET)
 
 
-def status_writes(busy: Window) -> float:
-    return sum(value for (verb, resource, sub), value in busy.requests.items()
-               if resource == api.PLURAL and sub == "status" and verb in WRITE_VERBS)
-
-
 def steady_row(busy: Window, count: int) -> Row:
-    per_resource = busy.per_minute(status_writes(busy)) / count
+    per_resource = busy.per_minute(busy.status_writes) / count
     return Row(f"steady traffic: status writes per LLMDeployment per minute, engines busy (scrape every "
                f"{SCRAPE_INTERVAL:g} s, status min interval {STATUS_MIN_INTERVAL_SECONDS:g} s)",
                f"{per_resource:.2f}", f"<= {STEADY_TARGET:g}", per_resource <= STEADY_TARGET)
+
+
+def another_writer(rows: list[Row], changes_seen: float, written: float) -> list[Row]:
+    """Rows measured while the watch saw more changes of the fleet than the operator wrote: some other client
+    (a second operator serving every namespace of a shared cluster) wrote too, so they are failed, saying so."""
+    foreign = changes_seen - written
+    if foreign <= 0:
+        return rows
+    return [replace(row, result=f"{row.result}; invalid: {foreign:.0f} changes by another writer", passed=False)
+            for row in rows]
+
+
+@contextlib.contextmanager
+def new_versions(tracker: Tracker) -> Iterator[Counter[str]]:
+    """New versions of each LLMDeployment the watch delivers meanwhile, by name (a list again repeats none)."""
+    versions = {name: llmd["metadata"]["resourceVersion"] for name, llmd in tracker.objects.items()}
+    seen: Counter[str] = Counter()
+
+    def listen(name: str, llmd: Obj, _arrived: float) -> None:
+        version = llmd["metadata"]["resourceVersion"]
+        if versions.get(name) != version:
+            versions[name] = version
+            seen[name] += 1
+
+    with freshness.listening(tracker, listen):
+        yield seen
 
 
 def sweep_row(idle: Window, count: int) -> Row:
@@ -216,8 +256,8 @@ def sweep_row(idle: Window, count: int) -> Row:
                f"every sweep <= {SWEEP_TARGET_SECONDS:g} s", idle.sweeps > 0 and over == 0 and not idle.scrape_failures)
 
 
-async def _busy(rig: Rig, tracker: Tracker, namespace: str, size: Size) -> tuple[Window, list[Row]]:
-    """The steady-traffic window between switches of load, then the phase change after the last switch."""
+async def _busy(rig: Rig, tracker: Tracker, namespace: str, size: Size) -> list[Row]:
+    """Switches of load with the steady-traffic window after the first, then the phase change after the last."""
     deferred = metrics.samples(await rig.get_text(rig.operator.metrics_url), DEFERRED_METRIC)
     switches = [await freshness.switch(rig, tracker, to_busy=True)]
     busy = await window(rig, namespace, size.window)
@@ -228,10 +268,10 @@ async def _busy(rig: Rig, tracker: Tracker, namespace: str, size: Size) -> tuple
     after = metrics.samples(await rig.get_text(rig.operator.metrics_url), DEFERRED_METRIC)
     put_off = Counter({labels["reason"]: value for labels, value in after})
     put_off.subtract({labels["reason"]: value for labels, value in deferred})
-    rig.out(f"  busy: {status_writes(busy):.0f} status writes in {busy.seconds:.0f}s; operator CPU "
+    rig.out(f"  busy: {busy.status_writes:.0f} status writes in {busy.seconds:.0f}s, operator CPU "
             f"{busy.per_minute(busy.operator_cpu):.1f} s/min; figure writes put off since the first switch, by "
             f"reason: {dict(+put_off) or 'none'}")
-    return busy, [freshness.staleness_row(switches), phase.row()]
+    return [steady_row(busy, size.fleet), freshness.staleness_row(switches), phase.row()]
 
 
 async def measure(rig: Rig, tracker: Tracker, namespace: str, size: Size) -> list[Row]:
@@ -239,17 +279,18 @@ async def measure(rig: Rig, tracker: Tracker, namespace: str, size: Size) -> lis
     await settle(rig, tracker, count)
     reasons = await operator_events(rig, namespace)
     rig.out(f"  Events by the operator while the fleet came up: {dict(reasons)}")
-    idle = await window(rig, namespace, size.window)
-    try:
-        busy, fresh = await _busy(rig, tracker, namespace, size)
-    finally:
-        await rig.post(f"{simengines_admin_url(rig.kubeconfig)}/mode/idle")
+    written = own_status_writes(await rig.get_text(rig.operator.metrics_url))
+    with new_versions(tracker) as changes:
+        idle = await window(rig, namespace, size.window)
+        try:
+            rows = await _busy(rig, tracker, namespace, size)
+        finally:
+            await rig.post(f"{simengines_admin_url(rig.kubeconfig)}/mode/idle")
+    written = own_status_writes(await rig.get_text(rig.operator.metrics_url)) - written
+    rig.out(f"  the operator wrote {written:.0f} statuses of the fleet, the watch saw {changes.total()} changes")
     peak = peak_rss_mib(rig.operator_pid)
     return [
-        events_row(reasons, count),
-        _idle_row(idle, count, rig.out),
-        steady_row(busy, count),
-        *fresh,
+        *another_writer([events_row(reasons, count), _idle_row(idle, count, rig.out), *rows], changes.total(), written),
         sweep_row(idle, count),
         Row(f"operator peak RSS, {count:,} LLMDeployments and scraped endpoints", f"{peak:.0f} MiB",
             f"<= {RSS_TARGET_MIB:g} MiB", peak <= RSS_TARGET_MIB),

@@ -44,8 +44,8 @@ within three times that bound (plus the time the write budget needs for the flee
 
 **phase change inside the interval**: right after the last switch, the Pods of the {PHASE_SAMPLES} LLMDeployments
 whose figures were written last are taken out of `Ready` (their Ready condition set to False, as a failing readiness
-probe does; a deleted Pod is no use here, as kwok replaces it with a Ready one before the operator's settle delay
-ends). Timed from that status patch until the watch delivers a status whose `phase` is no longer `Ready`; every one
+probe does; a deleted Pod is no use here: kwok replaces it with a Ready one so fast that the status never leaves
+`Ready`). Timed from that status patch until the watch delivers a status whose `phase` is no longer `Ready`; every one
 must arrive within one scrape interval, although each LLMDeployment's figures were written less than the interval
 before. The Pods are then made Ready again."""
 
@@ -120,6 +120,7 @@ def staleness_row(switches: list[Switch]) -> Row:
 
 @contextlib.contextmanager
 def listening(tracker: Tracker, listener: Callable[[str, Obj, float], None]) -> Iterator[None]:
+    """``listener`` sees every LLMDeployment the tracker's watch delivers meanwhile."""
     tracker.listeners.append(listener)
     try:
         yield

@@ -1,12 +1,12 @@
 """The one table: printed as text, and written as Markdown to docs/benchmarks.md, beside the results
-the page held from the run before."""
+the page held from the run before; sections with tables of their own follow it."""
 
 from __future__ import annotations
 
 import os
 import re
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -60,13 +60,20 @@ def previous_results(text: str, size: Size) -> dict[str, str]:
     if ran is None or ran.group(1) != size.name:
         return {}
     table = [[cell.strip().replace("\\|", "|") for cell in CELL_PATTERN.split(line)[1:-1]]
-             for line in text.splitlines() if line.startswith("|")]
+             for line in _first_table(text.splitlines())]
     if not table:
         return {}
     header, _rule, *body = table
     # By the header's names, so a page with other columns (before "previous" was one) reads too.
     figure, result = header.index("figure"), header.index("result")
     return {cells[figure]: cells[result] for cells in body}
+
+
+def _first_table(lines: list[str]) -> list[str]:
+    """The lines of the page's first table: the sections after it have tables of their own."""
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
 
 
 def _paragraphs(*texts: str) -> str:
@@ -77,7 +84,8 @@ def _paragraphs(*texts: str) -> str:
                        for block in blocks)
 
 
-def page(rows: list[Row], previous: Previous, size: Size, scrape_interval: float, methods: list[str]) -> str:
+def page(rows: list[Row], previous: Previous, size: Size, scrape_interval: float, methods: list[str],
+         sections: Sequence[str] = ()) -> str:
     intro = _paragraphs(
         "`make bench` (or `PYTHONPATH=hack .venv/bin/python -m bench`) measures the operator against the local "
         "control plane and rewrites this page. `BENCH_SIZE=small` shrinks every size to a run of a few minutes; "
@@ -87,10 +95,12 @@ def page(rows: list[Row], previous: Previous, size: Size, scrape_interval: float
         f"interval {scrape_interval:g} s. The control plane, the simulated engines and the operator share "
         "those cores. The previous column is the result the run before this one wrote here, when it was of the "
         "same size.")
-    return (f"# Benchmarks\n\n{intro}\n\n{markdown_table(rows, previous)}\n\n## What each figure is\n\n"
-            f"{_paragraphs(*methods)}\n")
+    return (f"# Benchmarks\n\n{intro}\n\n{markdown_table(rows, previous)}\n\n"
+            + "".join(f"{section}\n\n" for section in sections)
+            + f"## What each figure is\n\n{_paragraphs(*methods)}\n")
 
 
-def write_doc(rows: list[Row], previous: Previous, size: Size, scrape_interval: float, methods: list[str]) -> Path:
-    DOC.write_text(page(rows, previous, size, scrape_interval, methods))
+def write_doc(rows: list[Row], previous: Previous, size: Size, scrape_interval: float, methods: list[str],
+              sections: Sequence[str] = ()) -> Path:
+    DOC.write_text(page(rows, previous, size, scrape_interval, methods, sections))
     return DOC

@@ -181,12 +181,15 @@ async def _add_node(kube: BenchKube, api_client: client.ApiClient, pods: int) ->
 
 
 @contextlib.asynccontextmanager
-async def rig(kubeconfig: Path, largest: int, out: Out) -> AsyncIterator[Rig]:
+async def rig(kubeconfig: Path, largest: int, namespaces: list[str], out: Out) -> AsyncIterator[Rig]:
+    """The operator serves ``namespaces`` only: on a shared cluster it must neither serve others' LLMDeployments
+    (their objects would count in its memory, CPU and writes) nor write their statuses."""
     kube = BenchKube(Credentials.load(str(kubeconfig)), max_connections=64)
     api_client = config.new_client_from_config(config_file=str(kubeconfig))
     log_file = Path(tempfile.mkdtemp(prefix="vllm-operator-bench-")) / "operator.log"
+    scope = [f"--namespace={namespace}" for namespace in namespaces]
     operator = OperatorProcess(kubeconfig, log_file,
-                               ["--scrape-interval", f"{SCRAPE_INTERVAL:g}", "--log-level", "warning"])
+                               ["--scrape-interval", f"{SCRAPE_INTERVAL:g}", "--log-level", "warning", *scope])
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
         setting = Rig(kubeconfig, kube, http, api_client, operator, out, largest)
         try:

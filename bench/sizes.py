@@ -15,15 +15,20 @@ class Size:
     bursts: tuple[int, ...]  # LLMDeployments applied at once; the last burst stays as the fleet
     window: float  # seconds of the idle and of the busy window
     engine_starts: int  # cold and warm vLLM starts each
+    growth: tuple[int, ...]  # LLMDeployments the fleet then grows to, for the memory slope
 
     @property
     def fleet(self) -> int:
         return self.bursts[-1]
 
+    def largest(self, memory: bool) -> int:
+        """The most LLMDeployments that exist at once, with or without the memory slope."""
+        return max(self.fleet, *self.growth) if memory else self.fleet
+
 
 SIZES = {
-    "full": Size("full", applies=200, bursts=(100, 1000), window=60.0, engine_starts=3),
-    "small": Size("small", applies=20, bursts=(20, 50), window=30.0, engine_starts=1),
+    "full": Size("full", applies=200, bursts=(100, 1000), window=60.0, engine_starts=3, growth=(2000, 5000)),
+    "small": Size("small", applies=20, bursts=(20, 50), window=30.0, engine_starts=1, growth=(100, 200)),
 }
 
 

@@ -1,5 +1,6 @@
 """What watches on one namespace saw, timed on arrival: when every child of each LLMDeployment
-existed, and when its status first reported the generation that was applied."""
+existed, and when its status first reported the generation that was applied; and, for whoever
+listens, every LLMDeployment as it arrives."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ class Tracker:
         self.children_at: dict[str, float] = {}
         self.current_at: dict[str, float] = {}
         self.done_at: dict[str, float] = {}  # both of the above
+        # Called with (name, LLMDeployment, arrival time) for each one that arrives, deletions aside.
+        self.listeners: list[Callable[[str, Obj, float], None]] = []
         self._changed = asyncio.Event()
         self._watches: list[asyncio.Task[None]] = []
 
@@ -59,15 +62,17 @@ class Tracker:
         return handle
 
     def _resource(self, event_type: str, obj: Obj) -> None:
-        name = obj["metadata"]["name"]
+        name, arrived = obj["metadata"]["name"], time.monotonic()
         if event_type == "DELETED":
             self.objects.pop(name, None)
         else:
             self.objects[name] = obj
             observed = (obj.get("status") or {}).get("observedGeneration")
             if name not in self.current_at and observed == obj["metadata"].get("generation"):
-                self.current_at[name] = time.monotonic()
+                self.current_at[name] = arrived
                 self._check_done(name)
+            for listener in self.listeners:
+                listener(name, obj, arrived)
         self._changed.set()
 
     def _check_done(self, name: str) -> None:
