@@ -156,3 +156,12 @@ def test_a_second_autoscaler_is_reported() -> None:
                                     "scales this LLMDeployment"), {}, NOW)
     assert status["phase"] == "Degraded"
     assert conditions(status)["Degraded"]["reason"] == "AutoscalerConflict"
+
+
+def test_a_claim_still_binding_is_a_wait_not_unschedulable() -> None:
+    binding = pod("a", phase="Pending", unschedulable="0/5 nodes are available: pod has unbound immediate "
+                  "PersistentVolumeClaims. preemption: 0/5 nodes are available")
+    status = compute_status(observe(binding), {}, NOW)
+    assert conditions(status)["Unschedulable"]["status"] == "False"
+    assert status["phase"] == "Pending" and not status_events({}, status)
+    assert conditions(status)["Ready"]["reason"] == "ClaimBinding"

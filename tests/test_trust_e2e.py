@@ -249,11 +249,13 @@ def test_an_llmdeployment_held_by_a_finalizer_is_not_reconciled(
     llmd.create(cluster.api_client, namespace, manifest)
     llmd.wait_phase(cluster.api_client, namespace, "qwen-cpu", "Ready", 90)
     llmd.delete(cluster.api_client, namespace, "qwen-cpu")
-    apps(cluster).delete_namespaced_deployment("qwen-cpu", namespace)
-    wait_for("the Deployment to go", lambda: not deployment_uids(cluster, namespace, "qwen-cpu"), 30)
-    time.sleep(5)  # several settle periods: time enough to bring it back
-    assert not deployment_uids(cluster, namespace, "qwen-cpu"), "re-created while the LLMDeployment is being deleted"
-    llmd.patch_metadata(cluster.api_client, namespace, "qwen-cpu", {"finalizers": None})
+    try:
+        apps(cluster).delete_namespaced_deployment("qwen-cpu", namespace)
+        wait_for("the Deployment to go", lambda: not deployment_uids(cluster, namespace, "qwen-cpu"), 30)
+        time.sleep(5)  # several settle periods: time enough to bring it back
+        assert not deployment_uids(cluster, namespace, "qwen-cpu"), "re-created while it is being deleted"
+    finally:  # a failed test must not leave a namespace that can never go
+        llmd.patch_metadata(cluster.api_client, namespace, "qwen-cpu", {"finalizers": None})
 
 
 def test_a_quota_that_refuses_the_engine_pods_is_in_the_status(

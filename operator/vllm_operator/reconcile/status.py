@@ -60,10 +60,15 @@ def _is_ready(pod: Mapping[str, Any]) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
+# The scheduler's words while a new cache claim is being provisioned: a wait, not a placement failure.
+CLAIM_BINDING = "unbound immediate PersistentVolumeClaims"
+
+
 def _unschedulable_message(pod: Mapping[str, Any]) -> str | None:
     for condition in pod.get("status", {}).get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("reason") == "Unschedulable":
-            return condition.get("message") or "no node fits the Pod"
+            message = condition.get("message") or "no node fits the Pod"
+            return None if CLAIM_BINDING in message else message
     return None
 
 
@@ -194,6 +199,10 @@ def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> d
         phase, ready_reason, ready_message = "Loading", "EngineLoading", "the engine is loading the model"
     else:
         phase, ready_reason, ready_message = "Pending", "PodsPending", "waiting for engine Pods to start"
+        if any(CLAIM_BINDING in str(c.get("message")) for p in pods for c in p.get("status", {}).get("conditions") or []):
+            ready_reason = "ClaimBinding"
+            ready_message = ("waiting for the cache PersistentVolumeClaim to bind; if this lasts, check that a "
+                             "StorageClass provisions it (kubectl describe pvc)")
 
     conditions = [
         cond("Ready", phase == "Ready", ready_reason, ready_message),
