@@ -92,7 +92,8 @@ async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
     credentials = Credentials.load(OPTIONS.kubeconfig)
     kube = Kube(credentials, qps=OPTIONS.kube_qps, burst=OPTIONS.kube_burst)
     controller = Controller(kube, OPTIONS.status_min_interval, OPTIONS.status_writes_per_second)
-    loads = EngineLoadCollector(lambda: {key: view.stats for key, view in controller.engines.items()})
+    loads = EngineLoadCollector(lambda: {key: view.stats for key, view in controller.engines.items()},
+                                lambda: {key: decision.desired for key, decision in controller.decisions.items()})
     REGISTRY.register(loads)
     clients = [kube]
     if OPTIONS.leader_election_namespace:

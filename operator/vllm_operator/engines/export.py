@@ -34,8 +34,10 @@ SERIES = (
 
 
 class EngineLoadCollector(Collector):
-    def __init__(self, loads: Callable[[], Mapping[Key, EngineStats | None]]) -> None:
+    def __init__(self, loads: Callable[[], Mapping[Key, EngineStats | None]],
+                 desired: Callable[[], Mapping[Key, int]] = dict) -> None:
         self._loads = loads
+        self._desired = desired
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         loads = sorted((key, stats) for key, stats in self._loads().items() if stats is not None)
@@ -44,3 +46,9 @@ class EngineLoadCollector(Collector):
             for (namespace, llmdeployment), stats in loads:
                 family.add_metric([namespace, llmdeployment], float(getattr(stats, attribute)))
             yield family
+        family = GaugeMetricFamily("vllm_operator_autoscaler_desired_replicas",
+                                   "Replicas the built-in autoscaler asks for, per autoscaled LLMDeployment.",
+                                   labels=["namespace", "llmdeployment"])
+        for (namespace, llmdeployment), replicas in sorted(self._desired().items()):
+            family.add_metric([namespace, llmdeployment], float(replicas))
+        yield family
