@@ -122,7 +122,10 @@ def test_spec_change_rolls_the_engine(operator: OperatorProcess, cluster: Cluste
              lambda: "4096" in engine_args(cluster, namespace, "llama-3-8b"), 30)
     args = engine_args(cluster, namespace, "llama-3-8b")
     assert args[args.index("--max-model-len") + 1] == "4096"
-    ready = llmd.wait_phase(cluster.api_client, namespace, "llama-3-8b", "Ready", 90)
+    # Ready for the new generation once the rollout is over: the old Pod serves until it is replaced.
+    ready = wait_for("the rollout to complete", lambda: (
+        (obj := llmd.wait_phase(cluster.api_client, namespace, "llama-3-8b", "Ready", 90))
+        and llmd.condition(obj, "Progressing")["status"] == "False" and obj), 90)
     after = {p.metadata.name for p in llmd.owned_pods(cluster.api_client, namespace, "llama-3-8b")}
     assert after and not after & before, "the engine Pod was not replaced"
     assert ready["status"]["observedGeneration"] == 2

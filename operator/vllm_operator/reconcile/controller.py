@@ -119,10 +119,12 @@ class Controller:
         self.decisions: dict[Key, Decision] = {}  # the autoscaler's latest
         self._scaled: dict[Key, Scaled] = {}
         self.autoscaler_conflicts: dict[Key, str] = {}
+        self._replicas_known: dict[Key, int] = {}  # spec.replicas as the autoscaler last saw or set it
         self._posting: set[asyncio.Task[None]] = set()
         self._stores = (self.resources, self.children, self.replica_sets, self.pods, self.engines,
                         self.apply_errors, self.conflicts, self._failures, self._statuses, self._written_at,
-                        self._specs, self.autoscalers, self.decisions, self._scaled, self.autoscaler_conflicts)
+                        self._specs, self.autoscalers, self.decisions, self._scaled, self.autoscaler_conflicts,
+                        self._replicas_known)
 
     # -- watch events -------------------------------------------------------------------------
 
@@ -277,11 +279,12 @@ class Controller:
         if conflict := await self._other_autoscaler(key):
             self.autoscaler_conflicts[key] = conflict  # stands aside: two autoscalers would fight over replicas
             return False
-        last = self._scaled.get(key)
+        known = self._replicas_known.get(key, spec.replicas)
         await self.kube.scale(key[0], key[1], decision.desired)
         observability.record_write("patch", "LLMDeployment/scale")
         self._scaled[key] = Scaled(decision.desired, now_rfc3339(), decision)
-        if last is not None and last.replicas != spec.replicas:
+        self._replicas_known[key] = decision.desired
+        if known != spec.replicas:
             # kubectl scale, an HPA or a GitOps sync set it: the autoscaler owns the field while it is on.
             self._event(body, "Warning", "ScaleOverruled",
                         f"spec.replicas {spec.replicas} was set outside spec.autoscaling and is set back to "
@@ -328,8 +331,10 @@ class Controller:
         if spec is None or spec.autoscaling is None:
             self.autoscalers.pop(key, None)
             self.decisions.pop(key, None)
+            self._replicas_known.pop(key, None)
             return
         scaler = self.autoscalers.get(key)
+        self._replicas_known.setdefault(key, spec.replicas)
         if scaler is None:
             scaler = self.autoscalers[key] = Autoscaler(spec.autoscaling)
         else:
