@@ -70,8 +70,10 @@ def test_a_queue_building_up_adds_replicas(operator: OperatorProcess, cluster: C
 
 
 def test_kubectl_scale_is_overruled_with_an_event(operator: OperatorProcess, cluster: Cluster, namespace: str) -> None:
+    # On the queue only: a new simulated engine reports requests running until the test sets its load.
     llmd.create(cluster.api_client, namespace, autoscaled(
-        minReplicas=1, maxReplicas=3, behavior={"scaleDownStabilizationSeconds": 0, "scaleDownDelaySeconds": 0}))
+        minReplicas=1, maxReplicas=3, targets=[{"metric": "waitingRequests", "value": 10}],
+        behavior={"scaleDownStabilizationSeconds": 0, "scaleDownDelaySeconds": 0}))
     llmd.wait_phase(cluster.api_client, namespace, NAME, "Ready", 90)
     set_loads(cluster, namespace, IDLE)
     llmd.custom(cluster.api_client).patch_namespaced_custom_object_scale(
