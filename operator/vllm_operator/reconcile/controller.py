@@ -77,7 +77,6 @@ class ChildOutcome:
 class Scaled:
     """The autoscaler's last write of spec.replicas."""
 
-    replicas: int
     at: str  # RFC 3339
     decision: Decision
 
@@ -282,7 +281,7 @@ class Controller:
         known = self._replicas_known.get(key, spec.replicas)
         await self.kube.scale(key[0], key[1], decision.desired)
         observability.record_write("patch", "LLMDeployment/scale")
-        self._scaled[key] = Scaled(decision.desired, now_rfc3339(), decision)
+        self._scaled[key] = Scaled(now_rfc3339(), decision)
         self._replicas_known[key] = decision.desired
         if known != spec.replicas:
             # kubectl scale, an HPA or a GitOps sync set it: the autoscaler owns the field while it is on.
