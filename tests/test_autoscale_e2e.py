@@ -69,7 +69,6 @@ def test_a_queue_building_up_adds_replicas(operator: OperatorProcess, cluster: C
     assert any(e.reason == "Scaled" for e in events)
 
 
-@pytest.mark.skip(reason="passes alone, times out in the full suite: under investigation (see the closing note)")
 def test_kubectl_scale_is_overruled_with_an_event(operator: OperatorProcess, cluster: Cluster, namespace: str) -> None:
     # On the queue only: a new simulated engine reports requests running until the test sets its load.
     llmd.create(cluster.api_client, namespace, autoscaled(

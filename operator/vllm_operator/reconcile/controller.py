@@ -231,6 +231,10 @@ class Controller:
                 meta["name"], meta["namespace"], meta.get("generation", 0), 0, spec_error=describe_validation_error(error),
             ))
             return True
+        if spec.autoscaling is not None:
+            # The count this operator saw first is the autoscaler's: a later change by anyone else is overruled,
+            # even one made before the first scrape.
+            self._replicas_known.setdefault(key, spec.replicas)
         if await self._apply_decision(key, body, spec):
             return True  # the new generation brings the next reconcile
         synced = await self._sync_children(key, body, spec, owner)
@@ -333,7 +337,6 @@ class Controller:
             self._replicas_known.pop(key, None)
             return
         scaler = self.autoscalers.get(key)
-        self._replicas_known.setdefault(key, spec.replicas)
         if scaler is None:
             scaler = self.autoscalers[key] = Autoscaler(spec.autoscaling)
         else:
