@@ -10,7 +10,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
-from bench import burst, engine_start, fleet, freshness, latency, memory, sizes
+from bench import autoscale, burst, engine_start, fleet, freshness, latency, memory, sizes
 from bench.report import DOC, Row, previous_results, text_table, write_doc
 from bench.rig import SCRAPE_INTERVAL, Out, Rig, kubeconfig_answers, llmdeployment, rig
 from bench.tracker import expected_children, tracking
@@ -22,6 +22,8 @@ MEASUREMENTS = {
     "fleet": "Events, idle cost, steady traffic, status freshness, scrape sweep and memory on the fleet "
              "(runs the fleet's burst)",
     "memory": "peak RSS as the fleet grows to each size of the slope table (runs the fleet's burst)",
+    "autoscale": "the autoscaler's reaction to a queue on the cluster, its decision CPU at fleet size and its scale "
+                 "changes per simulated hour",
     "engine-start": "real vLLM start-up with a cold and a warm compile cache",
 }
 
@@ -56,6 +58,7 @@ def namespaces(size: sizes.Size, selected: set[str]) -> list[str]:
     """Where the selected measurements put LLMDeployments: the only namespaces the operator serves."""
     found = [latency.NAMESPACE] if "apply" in selected else []
     found += [burst.namespace_for(count) for count in _burst_counts(size, selected)]
+    found += [autoscale.NAMESPACE] if "autoscale" in selected else []
     return found + [engine_start.NAMESPACE] if "engine-start" in selected else found
 
 
@@ -101,6 +104,10 @@ async def run(kubeconfig: Path, size: sizes.Size, selected: set[str], out: Out) 
             out("bursts" + "".join(f" and the {name}" for name in ("fleet", "memory") if name in selected))
             burst_rows, sections = await _bursts(setting, size, selected)
             rows += burst_rows
+        if "autoscale" in selected:
+            out("autoscaler")
+            rows += await _guarded("autoscaler reaction", autoscale.reaction(setting, size))
+            rows += [autoscale.decision_cpu(size), *autoscale.scale_changes()]
         if "engine-start" in selected:
             out("engine start")
             rows += await _guarded("engine start", engine_start.measure(setting, size))
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         _out("\n(--only: docs/benchmarks.md left as it was)")
     else:
-        methods = [m.method(size) for m in (latency, burst, fleet, freshness, memory, engine_start)]
+        methods = [m.method(size) for m in (latency, burst, fleet, freshness, memory, autoscale, engine_start)]
         _out(f"\nwritten to {write_doc(rows, previous, size, SCRAPE_INTERVAL, methods, sections)}")
     return 0
 

@@ -39,6 +39,11 @@ class Row:
         return self.figure, previous.get(self.figure, "-"), self.result, self.target, self.verdict
 
 
+def times(count: int) -> str:
+    """How often, in words, for the method texts."""
+    return "once" if count == 1 else f"{count} times"
+
+
 def text_table(rows: list[Row], previous: Previous) -> str:
     table = [HEADER, *(row.cells(previous) for row in rows)]
     widths = [max(len(line[i]) for line in table) for i in range(len(HEADER))]

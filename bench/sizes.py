@@ -16,6 +16,7 @@ class Size:
     window: float  # seconds of the idle and of the busy window
     engine_starts: int  # cold and warm vLLM starts each
     growth: tuple[int, ...]  # LLMDeployments the fleet then grows to, for the memory slope
+    autoscale_steps: int  # load steps the autoscaler reacts to
 
     @property
     def fleet(self) -> int:
@@ -27,8 +28,10 @@ class Size:
 
 
 SIZES = {
-    "full": Size("full", applies=200, bursts=(100, 1000), window=60.0, engine_starts=3, growth=(2000, 5000)),
-    "small": Size("small", applies=20, bursts=(20, 50), window=30.0, engine_starts=1, growth=(100, 200)),
+    "full": Size("full", applies=200, bursts=(100, 1000), window=60.0, engine_starts=3, growth=(2000, 5000),
+                 autoscale_steps=3),
+    "small": Size("small", applies=20, bursts=(20, 50), window=30.0, engine_starts=1, growth=(100, 200),
+                  autoscale_steps=1),
 }
 
 

@@ -55,7 +55,7 @@ def operator_names() -> set[str]:
     """Sample names of every family in the operator's registry, children or not, and of the engine load it
     exports per LLMDeployment (registered once a controller runs)."""
     registered = {family.name + suffix for family in REGISTRY.collect() for suffix in SUFFIXES[family.type]}
-    return registered | {name for name, _, _ in export.SERIES}
+    return registered | {family.name for family in export.EngineLoadCollector(dict).collect()}
 
 
 def known_names() -> set[str]:

@@ -3,68 +3,20 @@ serve some seconds after their Pod exists, a scrape every 15 s, and a load the t
 
 from __future__ import annotations
 
-import math
 import random
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 from vllm_operator.api import AutoscalingSpec
-from vllm_operator.autoscale.decide import WINDOW_SECONDS, Autoscaler, Decision, LoadSample, step_size
+from vllm_operator.autoscale.decide import WINDOW_SECONDS, Autoscaler, Decision, step_size
+from vllm_operator.autoscale.simulate import SCRAPE_SECONDS, Load, Simulation, sample
 
-SCRAPE_SECONDS = 15.0  # the operator's default --scrape-interval
 MINUTE = 60.0
-Load = Callable[[float], dict[str, Any]]  # time -> LoadSample fields of the serving replicas
 
 
 def autoscaling(**fields: Any) -> AutoscalingSpec:
     return AutoscalingSpec.model_validate({"maxReplicas": 8, **fields})
-
-
-def sample(at: float = 0.0, ready: int = 1, **load: Any) -> LoadSample:
-    fields = {"requests_running": 0, "requests_waiting": 0, "kv_cache_usage_percent": 0.0,
-              "generation_tokens_per_second": 0.0, **load}
-    return LoadSample(at=at, ready_replicas=ready, **fields)
-
-
-@dataclass
-class Cluster:
-    """One LLMDeployment: its Deployment creates or removes Pods to follow spec.replicas at once (up to
-    ``quota`` Pods), a Pod serves ``load_seconds`` after it was created, and every scrape feeds the autoscaler."""
-
-    spec: AutoscalingSpec
-    replicas: int
-    load_seconds: float = 30.0
-    quota: int = 1000
-    now: float = 0.0
-    changes: list[tuple[float, int, int]] = field(default_factory=list)
-    decisions: list[Decision] = field(default_factory=list)
-    counts: list[tuple[float, int]] = field(default_factory=list)  # (time, spec.replicas after the decision)
-
-    def __post_init__(self) -> None:
-        self.autoscaler = Autoscaler(self.spec)
-        self.pods = [-math.inf] * self.replicas  # creation times; these serve from the start
-
-    def run(self, seconds: float, load: Load) -> None:
-        end = self.now + seconds
-        while self.now < end:
-            wanted = min(self.replicas, self.quota)
-            del self.pods[wanted:]
-            self.pods += [self.now] * (wanted - len(self.pods))
-            ready = sum(1 for created in self.pods if self.now - created >= self.load_seconds)
-            self.autoscaler.observe(sample(self.now, ready, **(load(self.now) if ready else {})))
-            decision = self.autoscaler.decide(self.replicas, len(self.pods), self.now)
-            self.decisions.append(decision)
-            if decision.desired != self.replicas:
-                self.changes.append((self.now, self.replicas, decision.desired))
-            self.replicas = decision.desired
-            self.counts.append((self.now, self.replicas))
-            self.now += SCRAPE_SECONDS
-
-    def first_time(self, replicas: int) -> float:
-        return next(at for at, count in self.counts if count == replicas)
 
 
 def steady(**load: Any) -> Load:
@@ -80,64 +32,64 @@ def step_at(start: float, **load: Any) -> Load:
     ([{"metric": "waitingRequests", "value": 4}], 10),
 ])
 def test_a_step_to_40_waiting_reaches_the_count_within_two_windows(targets: Any, expected: int) -> None:
-    cluster = Cluster(autoscaling(maxReplicas=16, **({"targets": targets} if targets else {})), replicas=1)
-    cluster.run(5 * MINUTE, step_at(MINUTE, requests_waiting=40))
-    assert cluster.first_time(expected) <= MINUTE + 2 * WINDOW_SECONDS
-    assert cluster.replicas == expected
-    assert max(count for _t, count in cluster.counts) == expected, "overshot, then came back"
-    assert "waiting" in cluster.decisions[-1].reason or "requestsPerReplica" in cluster.decisions[-1].reason
+    simulation = Simulation(autoscaling(maxReplicas=16, **({"targets": targets} if targets else {})), replicas=1)
+    simulation.run(5 * MINUTE, step_at(MINUTE, requests_waiting=40))
+    assert simulation.first_time(expected) <= MINUTE + 2 * WINDOW_SECONDS
+    assert simulation.replicas == expected
+    assert max(count for _t, count in simulation.counts) == expected, "overshot, then came back"
+    assert "waiting" in simulation.decisions[-1].reason or "requestsPerReplica" in simulation.decisions[-1].reason
 
 
 def test_steady_noisy_load_changes_nothing() -> None:
     # 24..48 requests a scrape around 3 replicas' worth: windows ask for 2 now and then, never for 4.
     noise = random.Random(15)
-    cluster = Cluster(autoscaling(), replicas=3)
-    cluster.run(30 * MINUTE, lambda _t: {"requests_running": noise.randint(24, 48)})
-    assert cluster.changes == []
-    assert any(d.reason.endswith("asked for up to 3") for d in cluster.decisions), "the load never asked for 2"
+    simulation = Simulation(autoscaling(), replicas=3)
+    simulation.run(30 * MINUTE, lambda _t: {"requests_running": noise.randint(24, 48)})
+    assert simulation.changes == []
+    assert any(d.reason.endswith("asked for up to 3") for d in simulation.decisions), "the load never asked for 2"
 
 
 def test_load_that_dips_within_the_scale_down_window_changes_nothing() -> None:
-    cluster = Cluster(autoscaling(), replicas=3)
-    cluster.run(60 * MINUTE, lambda t: {"requests_running": 40 if t % (4 * MINUTE) < 2 * MINUTE else 4})
-    assert cluster.changes == []
+    simulation = Simulation(autoscaling(), replicas=3)
+    simulation.run(60 * MINUTE, lambda t: {"requests_running": 40 if t % (4 * MINUTE) < 2 * MINUTE else 4})
+    assert simulation.changes == []
 
 
 def test_bursts_within_the_scale_up_window_change_nothing() -> None:
-    cluster = Cluster(autoscaling(behavior={"scaleUpStabilizationSeconds": 120}), replicas=1)
-    cluster.run(60 * MINUTE, lambda t: {"requests_waiting": 40 if t % (5 * MINUTE) < MINUTE else 2})
-    assert cluster.changes == []
+    simulation = Simulation(autoscaling(behavior={"scaleUpStabilizationSeconds": 120}), replicas=1)
+    simulation.run(60 * MINUTE, lambda t: {"requests_waiting": 40 if t % (5 * MINUTE) < MINUTE else 2})
+    assert simulation.changes == []
 
 
 def test_scale_down_waits_for_the_delay_after_a_scale_up() -> None:
     spec = autoscaling(behavior={"scaleDownStabilizationSeconds": 0, "scaleDownDelaySeconds": 300})
-    cluster = Cluster(spec, replicas=1)
-    cluster.run(10 * MINUTE, lambda t: {"requests_running": 40} if t < 100 else {})
-    ups = [at for at, before, after in cluster.changes if after > before]
-    downs = [at for at, before, after in cluster.changes if after < before]
+    simulation = Simulation(spec, replicas=1)
+    simulation.run(10 * MINUTE, lambda t: {"requests_running": 40} if t < 100 else {})
+    ups = [at for at, before, after in simulation.changes if after > before]
+    downs = [at for at, before, after in simulation.changes if after < before]
     assert ups and downs
     assert min(downs) >= max(ups) + 300
     assert min(downs) <= max(ups) + 300 + SCRAPE_SECONDS
-    assert any("no scale-down within 300 s of the last scale-up" in d.reason for d in cluster.decisions)
+    assert any("no scale-down within 300 s of the last scale-up" in d.reason for d in simulation.decisions)
 
 
 def test_without_the_delay_scale_down_follows_the_window() -> None:
     spec = autoscaling(behavior={"scaleDownStabilizationSeconds": 0, "scaleDownDelaySeconds": 0})
-    cluster = Cluster(spec, replicas=1)
-    cluster.run(5 * MINUTE, lambda t: {"requests_running": 40} if t < 100 else {})
-    assert cluster.replicas == 1 and len(cluster.changes) >= 2
+    simulation = Simulation(spec, replicas=1)
+    simulation.run(5 * MINUTE, lambda t: {"requests_running": 40} if t < 100 else {})
+    assert simulation.replicas == 1 and len(simulation.changes) >= 2
 
 
 def test_idle_reaches_zero_after_scale_to_zero_seconds_and_stays() -> None:
     spec = autoscaling(minReplicas=0, behavior={"scaleToZeroAfterSeconds": 600})
-    cluster = Cluster(spec, replicas=1)
-    cluster.run(30 * MINUTE, lambda t: {"requests_running": 3} if t < 100 else {})
-    last_busy = max(at for at, _count in cluster.counts if at < 100)
-    zero_at = cluster.first_time(0)
+    simulation = Simulation(spec, replicas=1)
+    simulation.run(30 * MINUTE, lambda t: {"requests_running": 3} if t < 100 else {})
+    last_busy = max(at for at, _count in simulation.counts if at < 100)
+    zero_at = simulation.first_time(0)
     assert last_busy + 600 <= zero_at <= last_busy + 600 + SCRAPE_SECONDS
-    assert all(count == 1 for at, count in cluster.counts if at < zero_at)
-    assert all(count == 0 for at, count in cluster.counts if at >= zero_at)
-    assert "no replica is serving" in cluster.decisions[-1].reason
+    assert all(count == 1 for at, count in simulation.counts if at < zero_at)
+    assert all(count == 0 for at, count in simulation.counts if at >= zero_at)
+    assert "no replica is serving" in simulation.decisions[-1].reason
 
 
 def test_scale_to_zero_counts_idleness_only_while_watching() -> None:
@@ -156,26 +108,26 @@ def test_no_request_asks_for_no_replica_whatever_else_the_engines_report() -> No
     spec = autoscaling(minReplicas=0, targets=[{"metric": "kvCacheUsagePercent", "value": 80},
                                                {"metric": "generationTokensPerSecond", "value": 500}],
                        behavior={"scaleToZeroAfterSeconds": 600})
-    cluster = Cluster(spec, replicas=1)
-    cluster.run(20 * MINUTE, steady(kv_cache_usage_percent=0.5, generation_tokens_per_second=1.0))
-    assert cluster.replicas == 0
+    simulation = Simulation(spec, replicas=1)
+    simulation.run(20 * MINUTE, steady(kv_cache_usage_percent=0.5, generation_tokens_per_second=1.0))
+    assert simulation.replicas == 0
 
 
 def test_replicas_still_loading_are_capacity_that_is_coming() -> None:
     # New engines take 10 minutes to load: the one serving replica keeps reporting the whole burst.
-    cluster = Cluster(autoscaling(maxReplicas=16), replicas=1, load_seconds=10 * MINUTE)
-    cluster.run(8 * MINUTE, steady(requests_waiting=40))
-    assert cluster.replicas == 3
-    assert [after for _t, _before, after in cluster.changes] == [2, 3]
+    simulation = Simulation(autoscaling(maxReplicas=16), replicas=1, load_seconds=10 * MINUTE)
+    simulation.run(8 * MINUTE, steady(requests_waiting=40))
+    assert simulation.replicas == 3
+    assert [after for _t, _before, after in simulation.changes] == [2, 3]
 
 
 def test_replicas_that_cannot_be_created_do_not_compound() -> None:
     # A quota lets 2 Pods exist: spec.replicas goes one step past them and waits there.
     spec = autoscaling(maxReplicas=100, targets=[{"metric": "waitingRequests", "value": 1}])
-    cluster = Cluster(spec, replicas=1, quota=2)
-    cluster.run(10 * MINUTE, steady(requests_waiting=40))
-    assert cluster.replicas == 4
-    assert cluster.decisions[-1].reason.endswith("keeping 4 while only 2 exist")
+    simulation = Simulation(spec, replicas=1, quota=2)
+    simulation.run(10 * MINUTE, steady(requests_waiting=40))
+    assert simulation.replicas == 4
+    assert simulation.decisions[-1].reason.endswith("keeping 4 while only 2 exist")
 
 
 def test_the_largest_target_wins() -> None:

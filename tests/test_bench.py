@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client import REGISTRY, generate_latest
 
 from bench import __main__ as bench_main
-from bench import burst, engine_start, fleet, freshness, latency, memory, metrics
+from bench import autoscale, burst, engine_start, fleet, freshness, latency, memory, metrics
 from bench.kube import BenchKube
 from bench.report import Row, page, previous_results, text_table
 from bench.rig import SCRAPE_INTERVAL
@@ -307,7 +307,24 @@ def test_the_operator_serves_every_namespace_the_selected_measurements_use_and_n
     small = SIZES["small"]
     assert bench_main.namespaces(small, {"fleet"}) == [burst.namespace_for(small.fleet)]
     assert bench_main.namespaces(small, set(bench_main.MEASUREMENTS)) == [
-        latency.NAMESPACE, *(burst.namespace_for(count) for count in small.bursts), engine_start.NAMESPACE]
+        latency.NAMESPACE, *(burst.namespace_for(count) for count in small.bursts), autoscale.NAMESPACE,
+        engine_start.NAMESPACE]
+
+
+def test_autoscaler_rows_count_no_scale_change_in_a_steady_or_oscillating_hour() -> None:
+    rows = autoscale.scale_changes()
+    assert [row.result for row in rows] == ["0", "0"] and all(row.passed for row in rows)
+
+
+def test_autoscaler_rows_count_the_changes_after_settling_only() -> None:
+    # Load that swings every 10 minutes, beyond the 300 s scale-down window, does change the count.
+    assert autoscale._changes_in_an_hour(1, lambda t: {"requests_running": 40 if t % 1200 < 600 else 4}) > 0
+    assert autoscale._changes_in_an_hour(1, lambda t: {"requests_running": 40}) == 0
+
+
+def test_autoscaler_decision_row_judges_a_sweeps_cpu_against_the_sweep_target() -> None:
+    row = autoscale.decision_cpu(SIZES["small"])
+    assert row.passed and f"{SIZES['small'].fleet:,} autoscaled" in row.figure
 
 
 def test_new_versions_count_changes_only_not_the_same_version_listed_again() -> None:
