@@ -1,4 +1,5 @@
-"""The ``vllm-operator`` command: ``run`` the operator, or print/write the CRDs."""
+"""The ``vllm-operator`` command: ``run`` the operator, run the ``gateway``, print/write the CRDs, or ask for a
+serving ``bench``mark."""
 
 from __future__ import annotations
 
@@ -70,6 +71,40 @@ def _parser() -> argparse.ArgumentParser:
                      help="namespace of the Lease (default: $POD_NAMESPACE)")
     run.add_argument("--leader-election-id", default="vllm-operator", help="name of the Lease")
 
+    bench = commands.add_parser(
+        "bench", help="run vLLM's serving benchmark against an LLMDeployment (once it is Ready)",
+        description="Asks the operator, through the llm.vllm-operator.io/benchmark annotation, to run `vllm bench "
+                    "serve` as a Job against the LLMDeployment's Service; the result lands in status.benchmark, an "
+                    "Event and the ConfigMap <name>-benchmark.")
+    bench.add_argument("name", help="the LLMDeployment")
+    bench.add_argument("-n", "--namespace", help="its namespace; default: the kubeconfig context's")
+    bench.add_argument("--kubeconfig", help="kubeconfig file; default: $KUBECONFIG, then ~/.kube/config")
+    bench.add_argument("--dataset", choices=("random", "sharegpt"), help="prompts (default: random)")
+    bench.add_argument("--dataset-path", help="for sharegpt: the JSON file, relative to the model cache volume")
+    bench.add_argument("--num-prompts", type=int, help="requests to send (default: 100)")
+    bench.add_argument("--request-rate", type=float, help="requests a second (default: all at once)")
+    bench.add_argument("--max-concurrency", type=int, help="most requests in flight (default: no limit)")
+    bench.add_argument("--input-len", type=int, help="random dataset: prompt tokens (default: 1024)")
+    bench.add_argument("--output-len", type=int, help="generated tokens per request (default: 128 for random)")
+    bench.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    bench.add_argument("--timeout", type=_positive(float), default=3900.0, help="seconds --wait waits at most")
+
+    gateway = commands.add_parser(
+        "gateway", help="serve one OpenAI-compatible endpoint for every LLMDeployment (see docs/gateway.md)",
+        description="Routes each request by its model to a Ready replica of the LLMDeployment that serves it, "
+                    "wakes LLMDeployments from zero replicas, checks their API keys and streams answers through.")
+    gateway_scope = gateway.add_mutually_exclusive_group()
+    gateway_scope.add_argument("-n", "--namespace", action="append", default=[], dest="namespaces",
+                               help="serve the LLMDeployments of this namespace (repeat for several); default: all")
+    gateway_scope.add_argument("-A", "--all-namespaces", action="store_true", help="serve every namespace (the default)")
+    gateway.add_argument("--kubeconfig", help="kubeconfig file; default: in-cluster config, then $KUBECONFIG")
+    gateway.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    gateway.add_argument("--port", type=_port, default=8000, help="port of the API, /metrics, /healthz and /readyz")
+    gateway.add_argument("--wake-timeout", type=_positive(float), default=600.0,
+                         help="seconds a request for an LLMDeployment at zero replicas waits for one to be Ready")
+    gateway.add_argument("--log-format", choices=("json", "text"), default="json", help="log line format")
+    gateway.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+
     crds = commands.add_parser("crds", help="print the CustomResourceDefinitions")
     crds.add_argument("--write", action="store_true", help="write them to crds/ and the Helm chart instead")
     crds.add_argument("--root", type=Path, default=Path.cwd(), help="repository root for --write")
@@ -125,9 +160,78 @@ def _run(args: argparse.Namespace) -> int:
         standalone=True,
         liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
         stop_flag=handlers.WORK_FAILED,
+        memories=handlers.EventMemories(),
         loop=asyncio.new_event_loop(),
     )
     return 1 if handlers.WORK_FAILED.is_set() else 0
+
+
+def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json
+    import time
+    import uuid
+
+    from kubernetes import client, config
+    from pydantic import ValidationError
+
+    from vllm_operator import api
+    from vllm_operator.benchmark import describe_request_error
+
+    fields = {"dataset": args.dataset, "datasetPath": args.dataset_path, "numPrompts": args.num_prompts,
+              "requestRate": args.request_rate, "maxConcurrency": args.max_concurrency, "inputLen": args.input_len,
+              "outputLen": args.output_len}
+    request_id = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    try:
+        request = api.BenchmarkRequest.model_validate({"id": request_id, **{k: v for k, v in fields.items()
+                                                                             if v is not None}})
+    except ValidationError as error:
+        parser.error(describe_request_error(error))
+    config.load_kube_config(args.kubeconfig)
+    namespace = args.namespace or config.list_kube_config_contexts(args.kubeconfig)[1]["context"].get(
+        "namespace", "default")
+    objects = client.CustomObjectsApi()
+    annotation = request.model_dump_json(by_alias=True, exclude_none=True)
+    objects.patch_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, args.name,
+                                           {"metadata": {"annotations": {api.BENCHMARK_ANNOTATION: annotation}}})
+    print(f"benchmark {request_id} requested for {namespace}/{args.name}")
+    if not args.wait:
+        return 0
+    deadline, said = time.monotonic() + args.timeout, None
+    while time.monotonic() < deadline:
+        found = objects.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, args.name)
+        status = (found.get("status") or {}).get("benchmark") or {}
+        if status.get("id") == request_id and status.get("message") != said:
+            said = status["message"]
+            print(f"{status['phase']}: {said}", file=sys.stderr)
+        if status.get("id") == request_id and status.get("phase") in ("Succeeded", "Failed"):
+            print(json.dumps(status, indent=2))
+            return 0 if status["phase"] == "Succeeded" else 1
+        time.sleep(2)
+    print(f"benchmark {request_id} did not finish within {args.timeout:.0f}s", file=sys.stderr)
+    return 1
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from vllm_operator.gateway.server import serve
+    from vllm_operator.gateway.watch import Fleet
+    from vllm_operator.kube import Credentials, Kube
+
+    _configure_logging(args.log_format, args.log_level)
+
+    async def run() -> None:
+        kube = Kube(Credentials.load(args.kubeconfig))
+        try:
+            await serve(Fleet(kube, tuple(args.namespaces) or None), args.host, args.port, args.wake_timeout)
+        finally:
+            await kube.close()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sys.stdout.write(crd.render())
         return 0
+    if args.command == "bench":
+        return _bench(args, parser)
+    if args.command == "gateway":
+        return _gateway(args)
     return _run(args)
 
 

@@ -31,7 +31,7 @@ import ssl
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping
@@ -52,6 +52,8 @@ RESOURCES: Mapping[str, tuple[str, str]] = {
     "Service": ("/api/v1", "services"),
     "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
+    "Job": ("/apis/batch/v1", "jobs"),
+    "ConfigMap": ("/api/v1", "configmaps"),
     api.KIND: (f"/apis/{api.GROUP}/{api.VERSION}", api.PLURAL),
     "Event": ("/api/v1", "events"),
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
@@ -126,6 +128,10 @@ def object_path(kind: str, namespace: str, name: str | None = None, subresource:
 # Each TLS connection holds about 300 KiB (asyncio's read buffer and OpenSSL's), and the apiserver, not
 # the pool, limits how fast writes go: 64 connections cost as much memory as the stores of 1,000 LLMDeployments.
 DEFAULT_CONNECTIONS = 16
+
+# A watch event is one line, and aiohttp refuses a line longer than twice its read buffer: 1 MiB lets
+# through 2 MiB, more than the largest object etcd stores (1.5 MiB).
+WATCH_LINE_BYTES = 1 << 20
 
 # Attempts of one request that the apiserver turns away with 429 (priority and fairness) or 503 with a
 # Retry-After, and the longest wait between two: a reconcile that gives up is retried later anyway.
@@ -362,6 +368,29 @@ class Kube:
             "PATCH", object_path(api.KIND, namespace, name, "scale"), body={"spec": {"replicas": replicas}},
             params={"fieldManager": FIELD_MANAGER}, content_type="application/merge-patch+json",
         )
+
+    async def watch(self, path: str, params: Mapping[str, str]) -> AsyncIterator[dict[str, Any]]:
+        """The events of one watch request (``watch=1`` is added) until the apiserver ends it.
+
+        A refused watch raises KubeError (410: the resourceVersion is too old, list again)."""
+        credentials = self._credentials
+        if credentials.expired(time.time()):
+            credentials = await self._reload(credentials)
+        if self._limit is not None:
+            await self._limit.acquire()
+        headers = {**credentials.headers(), "Accept": "application/json"}
+        # No total timeout: a watch lasts as long as its timeoutSeconds, which the caller sets.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=None)
+        try:
+            async with self._client().get(path, params={**params, "watch": "1"}, headers=headers,
+                                          timeout=timeout, read_bufsize=WATCH_LINE_BYTES) as response:
+                if response.status != 200:
+                    _Answer(response.status, await response.text(), response.reason or "", None).result("GET", path)
+                async for line in response.content:
+                    if line.strip():
+                        yield json.loads(line)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise KubeError(0, f"watch {path}: {exc or type(exc).__name__}") from exc
 
     async def post_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         """Record an Event; the same one again within the window counts up on the Event already posted."""

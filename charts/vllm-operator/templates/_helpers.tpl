@@ -104,10 +104,19 @@ does not exist yet. Reads are watches (kopf) and never need more than get/list/w
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, list, watch, create, patch, delete]
-# Engine Pods: their state becomes the status, their IPs the scrape targets.
+# Engine Pods: their state becomes the status, their IPs the scrape targets; a benchmark Pod's
+# termination message is the benchmark's result.
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
+# Serving benchmarks run as Jobs, deleted once their result is in the status.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, delete]
+# A benchmark's full report is applied to the ConfigMap <name>-benchmark.
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [create, patch]
 # Events are posted; a repeat within ten minutes counts up on the Event already posted.
 - apiGroups: [""]
   resources: [events]

@@ -25,6 +25,9 @@ ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
 WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
 _REFERENCE = re.compile(r"\$(\$|\(([^()]*)\))")
 _PYTHON = re.compile(r"python(3(\.\d+)?)?")
+# A Service's in-cluster URL; nothing here resolves cluster DNS names or routes Service IPs.
+_SERVICE_URL = re.compile(r"(https?://)([a-z0-9]([-a-z0-9]*[a-z0-9])?)\.([a-z0-9]([-a-z0-9]*[a-z0-9])?)"
+                          r"\.svc(\.cluster\.local)?(:(\d+))?")
 
 
 class SpecError(Exception):
@@ -37,6 +40,9 @@ class ObjectSource(Protocol):
     def secret(self, name: str) -> dict[str, bytes] | None: ...
 
     def config_map(self, name: str) -> dict[str, bytes] | None: ...
+
+    def service_address(self, namespace: str, name: str, port: int) -> str | None:
+        """``<ip>:<port>`` of a ready Pod behind that Service port; None when there is none."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,20 @@ def rewrite_path(value: str, mounts: Sequence[Mount]) -> str:
     return value
 
 
+def rewrite_service_urls(value: str, source: ObjectSource) -> str:
+    """Point ``http://<service>.<namespace>.svc[.cluster.local][:port]`` at a ready Pod of that Service,
+    as cluster DNS and kube-proxy would; once, at start: a later Pod of the Service is not followed."""
+
+    def substitute(match: re.Match[str]) -> str:
+        scheme, port = match.group(1), int(match.group(8) or (443 if match.group(1) == "https://" else 80))
+        address = source.service_address(match.group(4), match.group(2), port)
+        if address is None:
+            raise SpecError(f"no ready Pod serves Service {match.group(4)}/{match.group(2)} port {port}")
+        return scheme + address
+
+    return _SERVICE_URL.sub(substitute, value)
+
+
 def is_engine_image(image: str) -> bool:
     """Whether the image's repository path (registry host, tag and digest aside) mentions vllm."""
     parts = image.split("@", 1)[0].split("/")
@@ -189,9 +209,10 @@ def launch_plan(
     home: Path,
     base_env: Mapping[str, str],
 ) -> LaunchPlan:
-    env = {key: rewrite_path(value, mounts) for key, value in container_env(container, pod, pod_ip, source).items()}
+    env = {key: rewrite_service_urls(rewrite_path(value, mounts), source)
+           for key, value in container_env(container, pod, pod_ip, source).items()}
     command = [expand(part, env) for part in container.get("command", [])]
-    args = [expand(part, env) for part in container.get("args", [])]
+    args = [rewrite_service_urls(expand(part, env), source) for part in container.get("args", [])]
     engine = is_engine_image(container.get("image", ""))
     # Without a command the image's entrypoint would run; for vLLM images that is the server.
     server_options = engine_arguments(command + args) if command else engine_arguments(["vllm", "serve", *args])
@@ -204,9 +225,14 @@ def launch_plan(
     else:
         raise SpecError("the local runtime cannot read image entrypoints; give the container a command")
     argv = [rewrite_path(part, mounts) for part in argv]
-    engine = engine and server_options is not None
-    if not engine:
+    if engine and server_options is None and _PYTHON.fullmatch(os.path.basename(argv[0])):
+        # Other Python programs of a vLLM image (its serving benchmark) need vLLM too: the engine venv has it.
+        if not engine_python.is_file():
+            raise SpecError(f"the vLLM engine venv is missing ({engine_python}); run `make engine`")
+        argv[0] = str(engine_python)
+    elif not (engine and server_options is not None):
         argv[0] = _executable(argv[0], base_env.get("PATH", ""))
+    engine = engine and server_options is not None
     working_dir = container.get("workingDir")
     mapped = rewrite_path(working_dir, mounts) if working_dir else ""
     cwd = Path(mapped) if mapped and mapped != working_dir else home

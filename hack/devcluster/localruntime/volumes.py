@@ -134,6 +134,29 @@ class ApiObjects(ObjectSource):
         data.update({key: base64.b64decode(value) for key, value in (found.get("binaryData") or {}).items()})
         return data
 
+    def service_address(self, namespace: str, name: str, port: int) -> str | None:
+        service = read_or_none(self.core.read_namespaced_service, name, namespace)
+        spec = (service or {}).get("spec") or {}
+        entry = next((p for p in spec.get("ports") or [] if p.get("port") == port), None)
+        if entry is None or not spec.get("selector"):
+            return None
+        selector = ",".join(f"{key}={value}" for key, value in spec["selector"].items())
+        pods, _ = list_items(self.core.list_namespaced_pod, namespace=namespace, label_selector=selector)
+        for pod in pods:
+            status = pod.get("status") or {}
+            ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+            if not ready or not status.get("podIP") or pod["metadata"].get("deletionTimestamp"):
+                continue
+            target = entry.get("targetPort", port)
+            if isinstance(target, str):  # a named port of the Pod's containers
+                named = [p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports") or []
+                         if p.get("name") == target]
+                if not named:
+                    continue
+                target = named[0]
+            return f"{status['podIP']}:{target}"
+        return None
+
 
 def _write_files(folder: Path, files: dict[str, bytes], modes: dict[str, int]) -> None:
     for relative, content in files.items():

@@ -527,6 +527,20 @@ class ServiceSpec(ApiModel):
     annotations: dict[str, str] = Field(default_factory=dict, description="Annotations of the Service.")
 
 
+class RoutingSpec(ApiModel):
+    """How the gateway (vllm-operator gateway) spreads requests over the replicas."""
+
+    strategy: Literal["LeastLoad", "PrefixHash"] = Field(
+        "LeastLoad",
+        description=(
+            "LeastLoad: the replica with the fewest requests in flight from the gateway, plus the waiting "
+            "requests and KV-cache use the engines report. PrefixHash: requests whose prompts start alike go to "
+            "the same replica, where the prefix cache already holds that start (consistent hashing with bounded "
+            "loads: a replica above 1.25 times the mean load passes requests on). Default: LeastLoad."
+        ),
+    )
+
+
 class ResourceRequirements(ApiModel):
     """CPU, memory and ephemeral storage of the engine container; accelerators come from spec.accelerator."""
 
@@ -837,6 +851,9 @@ class LLMDeploymentSpec(ApiModel):
     )
     cache: CacheSpec = Field(default_factory=CacheSpec, description="Model cache volume.")
     service: ServiceSpec = Field(default_factory=ServiceSpec, description="Service exposing the API.")
+    routing: RoutingSpec = Field(
+        default_factory=RoutingSpec, description="How the gateway picks a replica for each request."
+    )
     api_key_secret_ref: KeyRef | None = Field(
         None, description="Secret key holding the API key clients must send as a bearer token (VLLM_API_KEY)."
     )
@@ -929,6 +946,108 @@ class AutoscalingStatus(ApiModel):
     last_scale_time: str | None = Field(None, description="When it last changed spec.replicas (RFC 3339).")
 
 
+# The annotation that asks for a serving benchmark: a BenchmarkRequest as JSON (`vllm-operator bench` writes it).
+BENCHMARK_ANNOTATION = f"{GROUP}/benchmark"
+BENCHMARK_ID_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+RANDOM_DEFAULT_INPUT_LEN = 1024  # vLLM's own defaults for the random dataset
+RANDOM_DEFAULT_OUTPUT_LEN = 128
+DATASET_PATH_MESSAGE = (
+    "datasetPath is a file on the model cache volume, relative to its root (e.g. datasets/sharegpt.json), "
+    "without '..'"
+)
+
+
+class BenchmarkSettings(ApiModel):
+    """How vLLM's serving benchmark (vllm bench serve) loads the LLMDeployment."""
+
+    dataset: Literal["random", "sharegpt"] = Field(
+        "random", description="Prompts: random (token ids of inputLen tokens) or sharegpt (a ShareGPT-style JSON "
+        "file on the model cache volume, see datasetPath). Default: random."
+    )
+    dataset_path: str | None = Field(
+        None, description="For dataset sharegpt: the file, relative to the root of the model cache volume.",
+        min_length=1, max_length=1024,
+    )
+    num_prompts: int = Field(100, description="Requests to send. Default: 100.", ge=1, le=10000)
+    request_rate: float | None = Field(
+        None, description="Requests a second, arriving as a Poisson process. Default: all at once.", gt=0, le=10000
+    )
+    max_concurrency: int | None = Field(
+        None, description="Most requests in flight at once. Default: no limit.", ge=1, le=10000
+    )
+    input_len: int | None = Field(
+        None, description="For dataset random: prompt tokens per request. Default: 1024.", ge=1, le=1048576
+    )
+    output_len: int | None = Field(
+        None, description="Generated tokens per request. Default: 128 for random, the dataset's for sharegpt.",
+        ge=1, le=1048576,
+    )
+
+    @model_validator(mode="after")
+    def _check_dataset(self) -> BenchmarkSettings:
+        if self.dataset == "random" and self.dataset_path is not None:
+            raise ValueError("datasetPath applies to dataset sharegpt only; the random dataset makes its own prompts")
+        if self.dataset == "sharegpt":
+            if self.dataset_path is None:
+                raise ValueError("dataset sharegpt needs datasetPath, a ShareGPT-style JSON file on the cache volume")
+            if self.dataset_path.startswith("/") or ".." in self.dataset_path.split("/"):
+                raise ValueError(DATASET_PATH_MESSAGE)
+            if self.input_len is not None:
+                raise ValueError("inputLen applies to dataset random only: ShareGPT prompts keep their own length")
+        return self
+
+    def resolved(self) -> BenchmarkSettings:
+        """These settings with vLLM's defaults written out, as the status shows them."""
+        if self.dataset != "random":
+            return self
+        return self.model_copy(update={"input_len": self.input_len or RANDOM_DEFAULT_INPUT_LEN,
+                                       "output_len": self.output_len or RANDOM_DEFAULT_OUTPUT_LEN})
+
+
+class BenchmarkRequest(BenchmarkSettings):
+    """A benchmark asked for in the annotation llm.vllm-operator.io/benchmark; a new id asks for a new run."""
+
+    id: str = Field(
+        description="Names this request; the operator runs each id once.",
+        min_length=1, max_length=63, pattern=BENCHMARK_ID_PATTERN,
+    )
+
+
+class BenchmarkResults(ApiModel):
+    """The headline figures of a finished benchmark, as vllm bench serve measured them."""
+
+    completed_requests: int = Field(ge=0, description="Requests that finished with an answer.")
+    failed_requests: int = Field(ge=0, description="Requests that failed (errors).")
+    duration_seconds: float = Field(ge=0, description="How long the benchmark sent requests, in seconds.")
+    request_throughput: float = Field(ge=0, description="Completed requests a second.")
+    output_tokens_per_second: float = Field(ge=0, description="Generated tokens a second.")
+    ttft_seconds_p50: float | None = Field(None, ge=0, description="Median time to first token, in seconds.")
+    ttft_seconds_p99: float | None = Field(None, ge=0, description="99th percentile time to first token, in seconds.")
+    itl_seconds_p50: float | None = Field(None, ge=0, description="Median time between tokens, in seconds.")
+    itl_seconds_p99: float | None = Field(None, ge=0, description="99th percentile time between tokens, in seconds.")
+    first_error: str | None = Field(None, description="The error of one failed request, when any failed.")
+
+
+BenchmarkPhase = Literal["Waiting", "Running", "Succeeded", "Failed"]
+
+
+class BenchmarkStatus(ApiModel):
+    """The latest benchmark request and, once it ran, its result."""
+
+    id: str = Field(description="The request's id (from the llm.vllm-operator.io/benchmark annotation).")
+    phase: BenchmarkPhase = Field(
+        description="Waiting (for the LLMDeployment to be Ready, or for the running benchmark), Running, "
+        "Succeeded or Failed."
+    )
+    message: str = Field(description="What happens or happened, for a person.")
+    settings: BenchmarkSettings | None = Field(None, description="The settings of the run; absent when invalid.")
+    job: str | None = Field(None, description="The Job that runs or ran the benchmark.")
+    start_time: str | None = Field(None, description="When the benchmark started (RFC 3339).")
+    completion_time: str | None = Field(None, description="When it finished (RFC 3339).")
+    results: BenchmarkResults | None = Field(None, description="The headline figures, once it finished.")
+    report: str | None = Field(None, description="The ConfigMap holding the full report of the last finished run.")
+
+
 class LLMDeploymentStatus(ApiModel):
     """Observed state of an LLMDeployment, written by the operator."""
 
@@ -950,6 +1069,9 @@ class LLMDeploymentStatus(ApiModel):
     engine: EngineStats | None = Field(None, description="Live engine load from the replicas' /metrics.")
     autoscaling: AutoscalingStatus | None = Field(None, description="The built-in autoscaler's decision, when "
                                                   "spec.autoscaling is set.")
+    benchmark: BenchmarkStatus | None = Field(
+        None, description="The latest serving benchmark asked for with the llm.vllm-operator.io/benchmark annotation."
+    )
 
 
 def parse_model_source(name: str) -> tuple[str, str, str]:

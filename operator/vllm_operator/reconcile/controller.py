@@ -12,13 +12,13 @@ import logging
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
 from pydantic import ValidationError
 
-from vllm_operator import api, observability
+from vllm_operator import api, benchmark, observability
 from vllm_operator.api import LLMDeploymentSpec
 from vllm_operator.autoscale.decide import Autoscaler, Decision, LoadSample
 from vllm_operator.engines.metrics import EngineStats
@@ -28,7 +28,7 @@ from vllm_operator.reconcile.queue import Key, WorkQueue, retry_delay
 from vllm_operator.reconcile.status import Observation, compute_status, status_events
 from vllm_operator.reconcile.writes import Change, WriteBudget, classify, figures_moved
 from vllm_operator.render.engine_args import ENGINE_PORT, served_model_name
-from vllm_operator.render.manifests import SELECTOR_LABEL, ChildKey, Manifest, Owner, children, endpoint
+from vllm_operator.render.manifests import SELECTOR_LABEL, ChildKey, Manifest, Owner, children, common_labels, endpoint
 
 log = logging.getLogger("vllm_operator.reconcile.controller")
 
@@ -138,6 +138,10 @@ class Controller:
             return
         previous = self.resources.get(key)
         self.resources[key] = slim(body)
+        if key in self._statuses and self._statuses[key] == body.get("status"):
+            # The watch has caught up with the status last written: the body holds it, and a second
+            # copy of every status was 5 KB per LLMDeployment.
+            del self._statuses[key]
         if previous is None or previous["metadata"].get("generation") != meta.get("generation"):
             self.queue.add(key)  # a new or edited spec: the user waits for this one
         else:
@@ -256,8 +260,57 @@ class Controller:
             autoscaler_conflict=self.autoscaler_conflicts.get(key),
             autoscaling=self._autoscaling_status(key, spec),
         )
+        observation, bench = await self._benchmark(key, body, spec, owner, observation)
         await self._write_status(key, body, observation)
+        await self._after_benchmark(key, body, owner, bench)
         return synced
+
+    async def _benchmark(self, key: Key, body: Mapping[str, Any], spec: LLMDeploymentSpec, owner: Owner,
+                         observation: Observation) -> tuple[Observation, benchmark.Plan | None]:
+        """Start, follow and record the serving benchmark the annotation asks for (benchmark/ decides)."""
+        written = self._statuses.get(key) or body.get("status") or {}
+        parsed = benchmark.parse_request(body["metadata"].get("annotations"))
+        jobs = [child for (kind, _), child in self.children.get(key, {}).items() if kind == "Job"]
+        previous = written.get("benchmark")
+        if parsed is None and not jobs and (previous or {}).get("phase") != "Running":
+            return replace(observation, benchmark=previous), None
+        running_job = (previous or {}).get("job") if (previous or {}).get("phase") == "Running" else None
+        if running_job and not any(job["metadata"]["name"] == running_job for job in jobs):
+            # Not seen by this term's watch yet, or deleted: the apiserver knows which.
+            found = await self._read("Job", owner.namespace, running_job)
+            jobs += [slim(found)] if found is not None else []
+        phase = compute_status(observation, written, now_rfc3339()).get("phase")
+        pods = [pod for pod in self.pods.get(key, {}).values()
+                if (pod["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == benchmark.COMPONENT]
+        plan = benchmark.plan(parsed, None if phase == "Ready" else phase or "Pending", spec, owner, jobs, pods,
+                              previous, now_rfc3339())
+        if plan.report is not None:
+            await self.kube.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
+                "name": benchmark.report_name(owner.name), "namespace": owner.namespace,
+                "labels": common_labels(owner.name, benchmark.COMPONENT), "ownerReferences": [owner.reference]},
+                "data": plan.report})
+            observability.record_write("apply", "ConfigMap")
+        if plan.create is not None:
+            try:
+                created = await self.kube.create(plan.create)
+                observability.record_write("create", "Job")
+            except KubeError as exc:
+                if exc.status != 409:  # 409: created by an earlier reconcile whose status write failed
+                    raise
+                created = await self.kube.get("Job", owner.namespace, plan.create["metadata"]["name"])
+            self.children.setdefault(key, {})[("Job", created["metadata"]["name"])] = slim(created)
+        return replace(observation, benchmark=plan.status), plan
+
+    async def _after_benchmark(self, key: Key, body: Mapping[str, Any], owner: Owner, plan: benchmark.Plan | None) -> None:
+        """Once the status holds a run's result, its Job goes; Events say what changed."""
+        if plan is None or not self._current(key, owner):
+            return
+        for name in plan.delete:
+            await self.kube.delete("Job", owner.namespace, name)
+            observability.record_write("delete", "Job")
+            self.children.get(key, {}).pop(("Job", name), None)
+        for type_, reason, message in plan.events:
+            self._event(body, type_, reason, message)
 
     def _spec(self, key: Key, body: Mapping[str, Any]) -> LLMDeploymentSpec:
         """The parsed spec. Kept per generation only when autoscaling is on (every scrape then asks for

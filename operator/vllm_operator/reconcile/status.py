@@ -53,6 +53,8 @@ class Observation:
     autoscaling: Mapping[str, Any] | None = None
     # Another autoscaler (an HPA, KEDA's) that targets this LLMDeployment too.
     autoscaler_conflict: str | None = None
+    # status.benchmark: the latest benchmark request and its result (benchmark/__init__.py).
+    benchmark: Mapping[str, Any] | None = None
 
 
 def _is_ready(pod: Mapping[str, Any]) -> bool:
@@ -156,6 +158,8 @@ def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> d
         return _condition(prev_conditions, obs.generation, now, type_, status, reason, message)
 
     status: dict[str, Any] = {"observedGeneration": obs.generation}
+    if obs.benchmark is not None:
+        status["benchmark"] = dict(obs.benchmark)
     if obs.spec_error is not None:
         status.update(phase="Failed", conditions=[
             cond("Ready", False, "InvalidSpec", obs.spec_error),

@@ -1,0 +1,103 @@
+"""Serving benchmarks on the local cluster: `vllm-operator bench` against the tiny model served by real vLLM
+on the local-runtime node, one run at a time; and a request on a model that is not Ready makes no Job."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+import llmd
+from devcluster.operatorproc import OperatorProcess
+from devcluster.pytest_plugin import Cluster, wait_for
+from test_engine_e2e import NAME, engine_status, served  # noqa: F401  (the module's fixture)
+from vllm_operator import api
+
+pytestmark = pytest.mark.cluster
+
+
+def bench(cluster: Cluster, namespace: str, name: str, *options: str) -> str:
+    """Run `vllm-operator bench`; the request id it printed."""
+    out = subprocess.run([sys.executable, "-m", "vllm_operator.cli", "bench", name, "-n", namespace,
+                          "--kubeconfig", str(cluster.kubeconfig), *options],
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()[1]  # "benchmark <id> requested for ..."
+
+
+def benchmark_status(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    status: dict[str, Any] = ((llmd.get(cluster.api_client, namespace, name) or {}).get("status") or {})
+    return status.get("benchmark") or {}
+
+
+def jobs(cluster: Cluster, namespace: str) -> list[client.V1Job]:
+    return list(client.BatchV1Api(cluster.api_client).list_namespaced_job(namespace).items)
+
+
+def reasons(cluster: Cluster, namespace: str, name: str) -> list[str]:
+    events = client.CoreV1Api(cluster.api_client).list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={name}").items
+    return [e.reason for e in events]
+
+
+def test_a_request_on_a_model_that_is_not_ready_makes_no_job(
+    operator: OperatorProcess, cluster: Cluster, namespace: str
+) -> None:
+    manifest = llmd.example("cpu-tiny")
+    manifest["metadata"]["name"] = "unplaced"
+    manifest["spec"]["nodeSelector"] = {"no-such-node": "true"}  # stays Pending
+    llmd.create(cluster.api_client, namespace, manifest)
+    llmd.wait_phase(cluster.api_client, namespace, "unplaced", "Pending", 60)
+    request_id = bench(cluster, namespace, "unplaced", "--num-prompts", "5")
+    waiting = wait_for("the waiting request in the status",
+                       lambda: (s := benchmark_status(cluster, namespace, "unplaced")).get("id") == request_id and s, 30)
+    assert waiting["phase"] == "Waiting" and "Ready" in waiting["message"]
+    wait_for("the BenchmarkWaiting Event", lambda: "BenchmarkWaiting" in reasons(cluster, namespace, "unplaced"), 30)
+    assert jobs(cluster, namespace) == []
+
+
+@pytest.mark.engine
+def test_bench_runs_vllms_serving_benchmark_one_at_a_time(cluster: Cluster, served: str) -> None:  # noqa: F811
+    namespace = served
+    options = ("--num-prompts", "60", "--input-len", "64", "--output-len", "64", "--request-rate", "20")
+    first = bench(cluster, namespace, NAME, *options)
+    wait_for("the first benchmark to run",
+             lambda: benchmark_status(cluster, namespace, NAME).get("phase") == "Running", 30)
+    second = bench(cluster, namespace, NAME, *options)
+    engine_seen: list[dict[str, Any]] = []
+
+    def first_done() -> dict[str, Any] | None:
+        status = benchmark_status(cluster, namespace, NAME)
+        engine_seen.append(engine_status(cluster, namespace))
+        if status.get("id") == first and status.get("phase") == "Running" and second in status.get("message", ""):
+            assert len(jobs(cluster, namespace)) == 1  # the second waits: never two at once
+        return status if status.get("id") == first and status.get("phase") in ("Succeeded", "Failed") else None
+
+    done = wait_for("the first benchmark's result", first_done, 120, 1)
+    assert done["phase"] == "Succeeded", done
+    results = done["results"]
+    assert results["completedRequests"] == 60 and results["failedRequests"] == 0
+    assert results["requestThroughput"] > 0 and results["outputTokensPerSecond"] > 0
+    assert 0 < results["ttftSecondsP50"] <= results["ttftSecondsP99"]
+    assert 0 < results["itlSecondsP50"] <= results["itlSecondsP99"]
+    assert done["settings"] == {"dataset": "random", "numPrompts": 60, "inputLen": 64, "outputLen": 64,
+                                "requestRate": 20.0}
+    assert done["startTime"] <= done["completionTime"]
+    # The engine's own figures, scraped while the benchmark ran, saw that load.
+    busy = [s for s in engine_seen if s.get("generationTokensPerSecond", 0) > 0]
+    assert busy, engine_seen
+    report = client.CoreV1Api(cluster.api_client).read_namespaced_config_map(f"{NAME}-benchmark", namespace)
+    owner = llmd.get(cluster.api_client, namespace, NAME)
+    assert owner is not None
+    assert [(r.kind, r.uid, r.controller) for r in report.metadata.owner_references] == [
+        (api.KIND, owner["metadata"]["uid"], True)]
+    assert '"p99_ttft_ms"' in report.data["report.json"]
+    assert {"BenchmarkStarted", "BenchmarkWaiting", "BenchmarkSucceeded"} <= set(reasons(cluster, namespace, NAME))
+
+    second_done = wait_for("the second benchmark's result", lambda: (
+        (s := benchmark_status(cluster, namespace, NAME)).get("id") == second
+        and s.get("phase") in ("Succeeded", "Failed") and s), 120, 1)
+    assert second_done["phase"] == "Succeeded", second_done
+    wait_for("the finished Jobs to go", lambda: jobs(cluster, namespace) == [], 60)
