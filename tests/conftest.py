@@ -12,6 +12,8 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from devcluster.engine import model_snapshot
+from devcluster.hub import LocalHub, default_repos, folder_repo, write_synthetic
 from devcluster.operatorproc import OperatorProcess
 from devcluster.pytest_plugin import Cluster, wait_for
 
@@ -42,13 +44,45 @@ def crd_installed(cluster: Cluster) -> None:
     wait_for(f"CRD {name} Established", lambda: _established(extensions, name), 30)
 
 
+BIG_REPO = "local/big"
+MIB = 1024 * 1024
+BIG_SIZE = 25 * MIB + 123  # more than two of the client's 10 MiB download chunks
+
+
+@pytest.fixture
+def private_hub(tmp_path: Path) -> Iterator[LocalHub]:
+    """A hub of one test's own (counters and faults of its own): the default repos and ``BIG_REPO``."""
+    folder = write_synthetic(tmp_path / "repos", BIG_REPO, {"model_type": "llama", "torch_dtype": "bfloat16"},
+                             {"model.safetensors": BIG_SIZE})
+    with LocalHub([*default_repos(model_snapshot()), folder_repo(BIG_REPO, folder)]).serve() as running:
+        yield running
+
+
+@pytest.fixture
+def tiny() -> Path:
+    """The generated tiny model's snapshot folder."""
+    snapshot = model_snapshot()
+    if snapshot is None:
+        pytest.skip("the tiny model is not generated; run `make model`")
+    return snapshot
+
+
+@pytest.fixture(scope="session")
+def hub() -> Iterator[LocalHub]:
+    """The local Hugging Face hub: the tiny model and repos that describe real ones (tests/data/hub)."""
+    with LocalHub(default_repos(model_snapshot())).serve() as running:
+        yield running
+
+
 @pytest.fixture(scope="module")
-def operator(cluster: Cluster, crd_installed: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    """The operator watching every namespace for one test module, with a short scrape interval."""
+def operator(cluster: Cluster, crd_installed: None, hub: LocalHub,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    """The operator watching every namespace for one test module, with a short scrape interval, asking the
+    local hub about models."""
     log_file = tmp_path_factory.mktemp("operator") / "operator.log"
     process = OperatorProcess(cluster.kubeconfig, log_file,
                               ["--scrape-interval", str(TEST_SCRAPE_INTERVAL), "--scrape-timeout", "1.5",
-                               "--status-min-interval", str(TEST_SCRAPE_INTERVAL)])
+                               "--status-min-interval", str(TEST_SCRAPE_INTERVAL)], env=hub.env())
     try:
         process.start()
     except RuntimeError as exc:

@@ -92,6 +92,22 @@ def test_idle_reaches_zero_after_scale_to_zero_seconds_and_stays() -> None:
     assert "no replica is serving" in simulation.decisions[-1].reason
 
 
+def test_a_wake_up_from_zero_is_kept_until_a_replica_serves() -> None:
+    spec = autoscaling(minReplicas=0, behavior={"scaleToZeroAfterSeconds": 60, "scaleDownStabilizationSeconds": 0})
+    scaler = Autoscaler(spec)
+    for at in range(0, 120, 15):  # idle long enough: the last replica goes
+        scaler.observe(sample(at, 1))
+    assert scaler.decide(1, 1, 120).desired == 0
+    # Woken by hand before any sweep saw the replica gone: the idle samples must not send it back to zero.
+    scaler.wake()
+    assert scaler.decide(1, 0, 121).desired == 1
+    scaler.observe(sample(150, 0))  # the new replica is loading
+    assert scaler.decide(1, 1, 150).desired == 1
+    for at in range(165, 225, 15):  # serving, idle, but not yet for scaleToZeroAfterSeconds
+        scaler.observe(sample(at, 1))
+        assert scaler.decide(1, 1, at).desired == 1
+
+
 def test_scale_to_zero_counts_idleness_only_while_watching() -> None:
     spec = autoscaling(minReplicas=0, behavior={"scaleToZeroAfterSeconds": 600, "scaleDownStabilizationSeconds": 0})
     scaler = Autoscaler(spec)
@@ -165,7 +181,7 @@ def test_a_long_scrape_interval_still_averages_two_scrapes() -> None:
 
 def test_no_samples_keep_the_count() -> None:
     scaler = Autoscaler(autoscaling(minReplicas=0, behavior={"scaleToZeroAfterSeconds": 60}))
-    assert scaler.decide(0, 0, 0) == Decision(0, "no replica is serving, so there is no load to measure: keeping 0", {})
+    assert scaler.decide(0, 0, 0) == Decision(0, "no replica is serving, so there is no load to measure: keeping 0", {}, 0)
     scaler.observe(sample(10, ready=0))
     assert scaler.decide(3, 3, 10).desired == 3
 

@@ -105,6 +105,17 @@ def test_an_idle_model_scales_to_zero_and_keeps_its_cache(
     assert core(cluster).read_namespaced_persistent_volume_claim(cache_claim_name(NAME), namespace)
     assert core(cluster).read_namespaced_service(NAME, namespace), "the endpoint stays resolvable"
 
+    # kubectl scale wakes it: nothing serves at zero, so there is no load to overrule the count with.
+    llmd.custom(cluster.api_client).patch_namespaced_custom_object_scale(
+        api.GROUP, api.VERSION, namespace, api.PLURAL, NAME, {"spec": {"replicas": 1}})
+    woken = llmd.wait_phase(cluster.api_client, namespace, NAME, "Ready", 60)
+    assert woken["spec"]["replicas"] == 1
+    set_loads(cluster, namespace, IDLE)
+    llmd.wait_phase(cluster.api_client, namespace, NAME, "Idle", 120)
+    reasons = [e.reason for e in core(cluster).list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={NAME}").items]
+    assert "ScaleOverruled" not in reasons and reasons.count("Scaled") >= 1, reasons
+
 
 def test_an_hpa_on_the_same_llmdeployment_makes_the_autoscaler_stand_aside(
     operator: OperatorProcess, cluster: Cluster, namespace: str

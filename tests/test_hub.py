@@ -7,7 +7,6 @@ import hashlib
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,38 +18,22 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from devcluster.engine import model_snapshot
 from devcluster.hub import (
     DEFAULT_TOKEN,
     GATED_REPO,
     SYNTHETIC_REPOS,
     TINY_REPO,
     LocalHub,
-    default_repos,
-    folder_repo,
-    write_synthetic,
 )
 
-MIB = 1024 * 1024
-BIG_REPO = "local/big"
-BIG_SIZE = 25 * MIB + 123  # more than two of the client's 10 MiB download chunks
+from conftest import BIG_REPO, BIG_SIZE, MIB
+
 LLAMA_8B = "meta-llama/Llama-3.1-8B-Instruct"
 
 
-@pytest.fixture
-def hub(tmp_path: Path) -> Iterator[LocalHub]:
-    folder = write_synthetic(tmp_path / "repos", BIG_REPO, {"model_type": "llama", "torch_dtype": "bfloat16"},
-                             {"model.safetensors": BIG_SIZE})
-    with LocalHub([*default_repos(model_snapshot()), folder_repo(BIG_REPO, folder)]).serve() as running:
-        yield running
-
-
-@pytest.fixture
-def tiny() -> Path:
-    snapshot = model_snapshot()
-    if snapshot is None:
-        pytest.skip("the tiny model is not generated; run `make model`")
-    return snapshot
+@pytest.fixture(name="hub")
+def _hub(private_hub: LocalHub) -> LocalHub:
+    return private_hub
 
 
 def sha256(data: bytes) -> str:

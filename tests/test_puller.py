@@ -9,38 +9,24 @@ import os
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from huggingface_hub import constants
 
-from devcluster.engine import model_snapshot
-from devcluster.hub import DEFAULT_TOKEN, GATED_REPO, TINY_REPO, LocalHub, default_repos, folder_repo, write_synthetic
+from devcluster.hub import DEFAULT_TOKEN, GATED_REPO, TINY_REPO, LocalHub
+from conftest import BIG_REPO, BIG_SIZE, MIB
 from devcluster.pytest_plugin import wait_for
 
 PULLER = Path(__file__).resolve().parents[1] / "images" / "model-puller" / "puller.py"
-MIB = 1024 * 1024
-BIG_REPO = "local/big"
-BIG_SIZE = 25 * MIB + 123
 CHUNK = constants.DOWNLOAD_CHUNK_SIZE  # the client writes to disk in chunks of this size
 CONFIG = {"model_type": "llama", "torch_dtype": "bfloat16"}
 
 
-@pytest.fixture
-def hub(tmp_path: Path) -> Iterator[LocalHub]:
-    folder = write_synthetic(tmp_path / "repos", BIG_REPO, CONFIG, {"model.safetensors": BIG_SIZE})
-    with LocalHub([*default_repos(model_snapshot()), folder_repo(BIG_REPO, folder)]).serve() as running:
-        yield running
-
-
-@pytest.fixture
-def tiny() -> Path:
-    snapshot = model_snapshot()
-    if snapshot is None:
-        pytest.skip("the tiny model is not generated; run `make model`")
-    return snapshot
+@pytest.fixture(name="hub")
+def _hub(private_hub: LocalHub) -> LocalHub:
+    return private_hub
 
 
 class Puller:

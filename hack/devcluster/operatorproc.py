@@ -30,8 +30,8 @@ def operator_command(kubeconfig: Path, metrics_port: int, health_port: int, extr
     ]
 
 
-def operator_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+def operator_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}
 
 
 def wait_healthy(process: subprocess.Popen[bytes], health_port: int, log_file: Path, timeout: float = 60.0) -> None:
@@ -55,6 +55,7 @@ class OperatorProcess:
     kubeconfig: Path
     log_file: Path
     extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # e.g. HF_ENDPOINT of a local hub
     metrics_port: int = field(default_factory=free_port)
     health_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
@@ -68,7 +69,7 @@ class OperatorProcess:
         command = operator_command(self.kubeconfig, self.metrics_port, self.health_port, self.extra_args)
         with self.log_file.open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                            env=operator_env())
+                                            env=operator_env(self.env))
         try:
             wait_healthy(self.process, self.health_port, self.log_file, timeout)
         except RuntimeError:

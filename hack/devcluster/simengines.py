@@ -1,7 +1,10 @@
 """Simulated vLLM engines for the Pods kwok runs on the fake GPU, Gaudi and CPU nodes.
 
 kwok gives those Pods IPs from a loopback range; this process listens on ``<podIP>:8000`` for each
-of them and answers ``/health``, ``/v1/models`` and ``/metrics`` with a real captured vLLM body.
+of them and answers ``/health``, ``/v1/models`` and ``/metrics`` with a real captured vLLM body, and
+``/v1/chat/completions``, ``/v1/completions`` (both streamed as Server-Sent Events on ``"stream": true``)
+and ``/v1/embeddings`` in vLLM's shapes, with a few fixed words, one per token; ``system_fingerprint``
+names the engine (``sim-<podIP>``) so that a test sees which replica answered.
 In ``busy`` mode the counters advance with time, in ``idle`` mode they stand still, so the
 operator's scraper sees exactly what real engines would show.
 
@@ -21,6 +24,8 @@ import json
 import resource
 import threading
 import time
+import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,6 +39,11 @@ METRICS_FILE = Path(__file__).resolve().parents[2] / "tests" / "data" / "vllm-0.
 SELECTOR = "app.kubernetes.io/managed-by=vllm-operator"
 # Counters grow by this fraction of their captured value per second in busy mode.
 BUSY_GROWTH_PER_SECOND = 0.01
+# What the engines answer, one word a token, over and over.
+WORDS = ("The", "simulated", "engine", "answers", "with", "these", "words", "and", "then", "again")
+# Tokens of an answer that names no max_tokens (vLLM's default, the rest of the context, would be thousands).
+DEFAULT_MAX_TOKENS = 16
+EMBEDDING_SIZE = 8
 
 
 class MetricsBody:
@@ -86,9 +96,27 @@ def with_gauges(text: str, gauges: dict[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _words(body: dict[str, Any]) -> list[str]:
+    count = int(body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS)
+    return [WORDS[i % len(WORDS)] + (" " if i < count - 1 else "") for i in range(count)]
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    text = json.dumps(body.get("messages") or body.get("prompt") or body.get("input") or "")
+    return max(1, len(text.split()))
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
 class Engines:
-    def __init__(self, cidr: str, body: MetricsBody, mode: str) -> None:
+    def __init__(self, cidr: str, body: MetricsBody, mode: str, port: int = ENGINE_PORT) -> None:
         self.network = ipaddress.ip_network(cidr)
+        self.port = port
+        self.token_delay = 0.0  # seconds between streamed tokens
+        self.aborted: dict[str, int] = {}  # pod IP -> streams the client left before the end
+        self._streaming: dict[str, set[asyncio.BaseTransport]] = {}  # pod IP -> connections streaming now
         self.body = body
         self.gauges: dict[str, dict[str, float]] = {}  # pod IP -> gauges a test set
         self.busy = mode == "busy"
@@ -119,18 +147,88 @@ class Engines:
             return web.json_response({"object": "list", "data": []})
 
         app = web.Application()
+        for path in ("/v1/chat/completions", "/v1/completions"):
+            app.router.add_post(path, self._complete)
+        app.router.add_post("/v1/embeddings", self._embed)
         app.router.add_get("/health", health)
         app.router.add_get("/metrics", metrics)
         app.router.add_get("/v1/models", models)
         return app
 
+    @staticmethod
+    def _engine_ip(request: web.Request) -> str:
+        return str(request.transport.get_extra_info("sockname")[0]) if request.transport else ""
+
+    async def _complete(self, request: web.Request) -> web.StreamResponse:
+        """A chat or text completion of the fixed words, whole or streamed token by token."""
+        body = await request.json()
+        ip, chat = self._engine_ip(request), request.path.endswith("/chat/completions")
+        words, prompt_tokens = _words(body), _prompt_tokens(body)
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": body.get("model"), "system_fingerprint": f"sim-{ip}"}
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
+                 "total_tokens": prompt_tokens + len(words)}
+        if not body.get("stream"):
+            text = "".join(words)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                       "finish_reason": "length"} if chat else
+                      {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"})
+            return web.json_response({**head, "object": "chat.completion" if chat else "text_completion",
+                                      "choices": [choice], "usage": usage})
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: dict[str, Any] | str, finish: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta} if chat else {"index": 0, "text": delta}
+            return _sse({**head, "object": kind, "choices": [{**choice, "logprobs": None, "finish_reason": finish}]})
+
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await response.prepare(request)
+        streaming = self._streaming.setdefault(ip, set())
+        if request.transport is not None:
+            streaming.add(request.transport)
+        try:
+            if chat:
+                await response.write(chunk({"role": "assistant", "content": ""}))
+            for word in words:
+                if self.token_delay:
+                    await asyncio.sleep(self.token_delay)
+                await response.write(chunk({"content": word} if chat else word))
+            await response.write(chunk({} if chat else "", "length"))
+            if (body.get("stream_options") or {}).get("include_usage"):
+                await response.write(_sse({**head, "object": kind, "choices": [], "usage": usage}))
+            await response.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.aborted[ip] = self.aborted.get(ip, 0) + 1
+            raise
+        finally:
+            streaming.discard(request.transport)
+        return response
+
+    async def _embed(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        inputs = body.get("input")
+        inputs = inputs if isinstance(inputs, list) else [inputs]
+        data = [{"object": "embedding", "index": i,
+                 "embedding": [zlib.crc32(f"{k}:{text}".encode()) % 1000 / 1000 for k in range(EMBEDDING_SIZE)]}
+                for i, text in enumerate(inputs)]
+        tokens = _prompt_tokens(body)
+        return web.json_response({"object": "list", "data": data, "model": body.get("model"),
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
     async def serve(self, ip: str) -> None:
         if ip in self.sites or ipaddress.ip_address(ip) not in self.network:
             return
-        runner = web.AppRunner(self.app, access_log=None)
+        # A deleted Pod's engine is gone at once; it does not wait for its clients to finish (default: 60 s).
+        runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        await web.TCPSite(runner, ip, ENGINE_PORT, reuse_address=True).start()
+        await web.TCPSite(runner, ip, self.port, reuse_address=True).start()
         self.sites[ip] = runner
+
+    async def kill(self, ip: str) -> None:
+        """As if the engine process died: its streams break off mid-answer and it stops listening."""
+        for transport in self._streaming.pop(ip, set()):
+            transport.abort()
+        await self.forget(ip)
 
     async def forget(self, ip: str) -> None:
         runner = self.sites.pop(ip, None)

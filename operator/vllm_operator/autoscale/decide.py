@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vllm_operator.api import AutoscalingSpec
 
@@ -58,6 +58,7 @@ class Decision:
     desired: int
     reason: str  # a sentence for Events and status, e.g. "requestsPerReplica 42.0 asks for 3 ...: 1 -> 3"
     metrics: dict[str, float]  # metric -> the windowed value used, as status.engine shows it
+    current: int | None = None  # the spec.replicas it was decided for (set by Autoscaler.decide)
 
 
 # Each metric as the engines report it (and status.engine shows it).
@@ -108,6 +109,13 @@ class Autoscaler:
     def update_spec(self, spec: AutoscalingSpec) -> None:
         self._spec = spec
 
+    def wake(self) -> None:
+        """spec.replicas was raised from zero by someone else (kubectl scale, a gateway): what was measured before
+        says nothing of the load that woke it, so decisions start over from the next sample."""
+        self._samples.clear()
+        self._recommendations.clear()
+        self._watched_since = None
+
     def observe(self, sample: LoadSample) -> None:
         """Record one sweep. Call it every sweep, also when no replica answered (ready_replicas 0): otherwise the
         last samples of a replica that went away would stand for the load, e.g. after a wake from zero."""
@@ -125,6 +133,9 @@ class Autoscaler:
     def decide(self, current: int, existing: int, now: float) -> Decision:
         """The replica count for now. ``current`` is spec.replicas; ``existing`` counts replicas that exist,
         ready or still loading."""
+        return replace(self._decide(current, existing, now), current=current)
+
+    def _decide(self, current: int, existing: int, now: float) -> Decision:
         spec, behavior = self._spec, self._spec.behavior
         window = self._window(now)
         metrics = {t.metric: _mean([_REPORTED[t.metric](s) for s in window]) for t in spec.targets} if window else {}

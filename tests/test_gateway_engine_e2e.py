@@ -1,0 +1,120 @@
+"""The gateway in front of real vLLM on the local-runtime node: two replicas of the tiny model chatted with
+through one OpenAI client, streamed and not; PrefixHash against LeastLoad on shared system prompts, by the
+engines' own prefix cache counters; and a second LLMDeployment at zero replicas woken by its first request."""
+
+from __future__ import annotations
+
+import urllib.request
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from kubernetes import client
+
+import llmd
+from devcluster import engine
+from devcluster.operatorproc import OperatorProcess
+from devcluster.prefill import prefill_model_cache
+from devcluster.pytest_plugin import Cluster, wait_for
+from test_gateway import GatewayProcess
+from vllm_operator.engines.metrics import parse_sample
+
+pytestmark = [pytest.mark.cluster, pytest.mark.engine]
+
+# Loading the tiny model on a busy CPU node: the Pod starts, vLLM imports and compiles, then reports Ready.
+LOAD_TIMEOUT = 420
+# Two replicas load side by side, on the same cores.
+PAIR_LOAD_TIMEOUT = 2 * LOAD_TIMEOUT
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def served(operator: OperatorProcess, cluster: Cluster) -> Iterator[str]:
+    """A namespace where the tiny model is Ready on two replicas (examples/cpu-tiny.yaml, cache pre-filled)."""
+    if not engine.engine_ready() or engine.model_snapshot() is None:
+        pytest.fail("the engine venv or the tiny model is missing; `make test` builds them", pytrace=False)
+    namespace = f"t-gateway-engine-{uuid.uuid4().hex[:6]}"
+    core = client.CoreV1Api(cluster.api_client)
+    core.create_namespace({"metadata": {"name": namespace}})
+    try:
+        wait_for("the default ServiceAccount", lambda: core.list_namespaced_service_account(namespace).items, 30)
+        pair = llmd.example("cpu-tiny")
+        pair["spec"]["replicas"] = 2
+        pair["spec"]["cache"]["accessMode"] = "ReadWriteMany"
+        llmd.create(cluster.api_client, namespace, pair)
+        prefill_model_cache(cluster.api_client, namespace, NAME)
+        llmd.wait_phase(cluster.api_client, namespace, NAME, "Ready", PAIR_LOAD_TIMEOUT)
+        yield namespace
+    finally:
+        core.delete_namespace(namespace)
+
+
+@pytest.fixture(scope="module")
+def gateway(cluster: Cluster, served: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    process = GatewayProcess(cluster, served, tmp_path_factory.mktemp("gateway") / "gateway.log",
+                             wake_timeout=LOAD_TIMEOUT)
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def test_one_client_chats_with_real_vllm_streamed_and_not(gateway: GatewayProcess) -> None:
+    openai_client = gateway.client(timeout=120)
+    assert NAME in {m.id for m in openai_client.models.list()}
+    answer = openai_client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hello"}],
+                                                   max_tokens=8, extra_body={"ignore_eos": True})
+    assert answer.usage is not None and answer.usage.completion_tokens == 8
+    pieces = [chunk.choices[0].delta.content or "" for chunk in openai_client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "Hello"}], max_tokens=8, stream=True,
+        extra_body={"ignore_eos": True}) if chunk.choices]
+    assert len(pieces) >= 8 and "".join(pieces)
+
+
+def prefix_cache(cluster: Cluster, namespace: str) -> tuple[float, float]:
+    """(hits, queries) of the prefix cache, in tokens, summed over the tiny model's engines."""
+    hits = queries = 0.0
+    for pod in llmd.owned_pods(cluster.api_client, namespace, NAME):
+        with urllib.request.urlopen(f"http://{pod.status.pod_ip}:8000/metrics", timeout=10) as answer:
+            sample = parse_sample(answer.read().decode(), 0.0)
+        hits += sample.prefix_cache_hits.value
+        queries += sample.prefix_cache_queries.value
+    return hits, queries
+
+
+def test_prefix_hash_finds_more_of_a_shared_prompt_in_cache_than_least_load(
+        cluster: Cluster, served: str, gateway: GatewayProcess) -> None:
+    openai_client = gateway.client(timeout=120)
+    hit_percent: dict[str, float] = {}
+    for strategy in ("LeastLoad", "PrefixHash"):
+        llmd.patch_spec(cluster.api_client, served, NAME, {"routing": {"strategy": strategy}})
+        wait_for(f"the gateway routing by {strategy}", lambda: next(
+            m for m in openai_client.models.list() if m.id == NAME).model_extra["routing"] == strategy, 20)
+        hits, queries = prefix_cache(cluster, served)
+        # Seven teams, each with its own system prompt, ask four questions each, the teams taking turns.
+        for question in range(4):
+            for team in range(7):
+                system = f"{strategy} team {team}: " + " ".join(f"rule {team}-{i} applies." for i in range(12))
+                openai_client.chat.completions.create(
+                    model=NAME, max_tokens=1,
+                    messages=[{"role": "system", "content": system}, {"role": "user", "content": f"Question {question}?"}])
+        after_hits, after_queries = prefix_cache(cluster, served)
+        hit_percent[strategy] = 100 * (after_hits - hits) / (after_queries - queries)
+    print(f"prefix cache hits, 28 requests of 7 shared system prompts over 2 replicas: {hit_percent}")
+    assert hit_percent["PrefixHash"] > hit_percent["LeastLoad"], hit_percent
+
+
+def test_a_request_wakes_a_real_model_from_zero(cluster: Cluster, served: str, gateway: GatewayProcess) -> None:
+    sleeper = llmd.example("cpu-tiny")
+    sleeper["metadata"]["name"] = "tiny-sleeper"
+    sleeper["spec"]["replicas"] = 0
+    llmd.create(cluster.api_client, served, sleeper)
+    prefill_model_cache(cluster.api_client, served, "tiny-sleeper")
+    openai_client = gateway.client(timeout=LOAD_TIMEOUT)
+    wait_for("the gateway listing tiny-sleeper", lambda: "tiny-sleeper" in {m.id for m in openai_client.models.list()},
+             20)
+    woken = openai_client.chat.completions.create(model="tiny-sleeper", messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=4, extra_body={"ignore_eos": True})
+    assert woken.usage is not None and woken.usage.completion_tokens == 4
+    assert (llmd.get(cluster.api_client, served, "tiny-sleeper") or {})["spec"]["replicas"] == 1
+    assert gateway.metric("vllm_gateway_wakes_total", model="tiny-sleeper") == 1
