@@ -40,7 +40,8 @@ Out = Callable[[str], None]
 
 
 def llmdeployment(name: str, namespace: str) -> Obj:
-    """The LLMDeployment every scale measurement applies: one CPU replica on the benchmark's node."""
+    """The LLMDeployment every scale measurement applies: one CPU replica on the benchmark's node, of a fleet
+    whose caches are filled already (HF_HUB_OFFLINE: no download Job), as the bench measures the control plane."""
     return {
         "apiVersion": f"{api.GROUP}/{api.VERSION}",
         "kind": api.KIND,
@@ -48,6 +49,7 @@ def llmdeployment(name: str, namespace: str) -> Obj:
         "spec": {
             "model": {"name": "vllm-operator/tiny-llama"},
             "accelerator": {"type": "cpu"},
+            "engine": {"env": [{"name": "HF_HUB_OFFLINE", "value": "1"}]},
             "cache": {"size": "1Gi"},
             "nodeSelector": {BENCH_LABEL: "true"},
         },

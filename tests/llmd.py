@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +13,8 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from devcluster import engine
+from devcluster.prefill import prefill_model_cache
 from devcluster.pytest_plugin import wait_for
 from vllm_operator import api
 from vllm_operator.render.manifests import SELECTOR_LABEL
@@ -84,5 +89,26 @@ def wait_phase(api_client: client.ApiClient, namespace: str, name: str, phase: s
 
 
 def owned_pods(api_client: client.ApiClient, namespace: str, name: str) -> list[client.V1Pod]:
-    pods = client.CoreV1Api(api_client).list_namespaced_pod(namespace, label_selector=f"{SELECTOR_LABEL}={name}")
+    """The engine Pods (not those of its download or benchmark Jobs), but those being deleted."""
+    pods = client.CoreV1Api(api_client).list_namespaced_pod(
+        namespace, label_selector=f"{SELECTOR_LABEL}={name},app.kubernetes.io/component=engine")
     return [p for p in pods.items if p.metadata.deletion_timestamp is None]
+
+
+@contextlib.contextmanager
+def serving(api_client: client.ApiClient, prefix: str, manifest: Obj, timeout: float) -> Iterator[str]:
+    """A namespace of its own where ``manifest`` (the tiny model on real vLLM, its cache claim pre-filled as a
+    download would) is Ready; deleted afterwards."""
+    if not engine.engine_ready() or engine.model_snapshot() is None:
+        raise RuntimeError("the engine venv or the tiny model is missing; `make test` builds them")
+    namespace = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    core = client.CoreV1Api(api_client)
+    core.create_namespace({"metadata": {"name": namespace}})
+    try:
+        wait_for("the default ServiceAccount", lambda: core.list_namespaced_service_account(namespace).items, 30)
+        create(api_client, namespace, manifest)
+        prefill_model_cache(api_client, namespace, manifest["metadata"]["name"])
+        wait_phase(api_client, namespace, manifest["metadata"]["name"], "Ready", timeout)
+        yield namespace
+    finally:
+        core.delete_namespace(namespace)

@@ -9,7 +9,6 @@ import json
 import re
 from collections import Counter
 
-import kubernetes
 import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY, generate_latest
@@ -282,8 +281,7 @@ def test_a_watch_from_a_version_the_apiserver_no_longer_holds_lists_again() -> N
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        kube = BenchKube(Credentials(f"http://127.0.0.1:{runner.addresses[0][1]}", False,
-                                     kubernetes.client.Configuration()))
+        kube = BenchKube(Credentials(f"http://127.0.0.1:{runner.addresses[0][1]}", False))
         seen: list[tuple[str, str]] = []
         try:
             task = await kube.watch("/api/v1/namespaces/x/pods", lambda kind, obj: seen.append(

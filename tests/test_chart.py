@@ -61,6 +61,15 @@ RULES: list[Obj] = [
 ]
 
 
+# What the gateway may do: read LLMDeployments and engine Pods, wake LLMDeployments, read API key Secrets.
+GATEWAY_RULES: list[Obj] = [
+    {"apiGroups": ["llm.vllm-operator.io"], "resources": ["llmdeployments"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["llm.vllm-operator.io"], "resources": ["llmdeployments/scale"], "verbs": ["patch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+]
+
+
 def lease_rules(name: str) -> list[Obj]:
     """Leader election among replicas: create any Lease (RBAC cannot name it), read and renew only its own."""
     return [
@@ -229,6 +238,37 @@ def test_replicas_add_only_a_lease_role_in_the_release_namespace(
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "vllm-operator", "namespace": "ops"}]
 
 
+def gateway_objects(objects: list[Obj]) -> list[Obj]:
+    return [o for o in objects if (o["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "gateway"]
+
+
+@pytest.mark.parametrize("namespaces", [[], ["team-a", "team-b"]], ids=["cluster-wide", "namespaced"])
+def test_the_gateway_is_off_by_default_and_on_has_its_own_narrow_rbac(
+    helm_path: Path, tmp_path: Path, namespaces: list[str]
+) -> None:
+    assert not gateway_objects(render(helm_path))
+    objects = gateway_objects(render(helm_path, values_file(tmp_path, "v.yaml", {
+        "gateway": {"enabled": True, "wakeTimeout": 120}, "watchNamespaces": namespaces})))
+    account = one(objects, "ServiceAccount")["metadata"]["name"]
+    assert account == "vllm-operator-gateway"
+    kind = "Role" if namespaces else "ClusterRole"
+    roles = of_kind(objects, kind)
+    assert sorted(r["metadata"].get("namespace", "") for r in roles) == (namespaces or [""])
+    assert all(r["rules"] == GATEWAY_RULES for r in roles)
+    for binding in of_kind(objects, f"{kind}Binding"):
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": "ops"}]
+    workload = one(objects, "Deployment")
+    pod = workload["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == account
+    args = pod["containers"][0]["args"]
+    assert args[0] == "gateway" and "--wake-timeout=120" in args
+    assert [a for a in args if a.startswith("--namespace")] == [f"--namespace={n}" for n in namespaces]
+    service = one(objects, "Service")
+    assert service["spec"]["selector"] == workload["spec"]["selector"]["matchLabels"]
+    operator = one([o for o in render(helm_path) if o["kind"] == "Deployment"], "Deployment")
+    assert service["spec"]["selector"] != operator["spec"]["selector"]["matchLabels"], "never the operator's Pods"
+
+
 # -- the operator's workload ---------------------------------------------------------------------
 
 
@@ -247,7 +287,8 @@ def test_default_operator_is_one_hardened_standalone_deployment(helm_path: Path)
     assert container["args"] == ["run", "--log-format=json", "--log-level=info", "--metrics-port=8080",
                                  "--health-port=8081", "--scrape-interval=15", "--scrape-timeout=5", "--workers=32",
                                  "--status-min-interval=30", "--status-writes-per-second=100",
-                                 "--kube-api-qps=500", "--kube-api-burst=1000"]
+                                 "--model-puller-image=vllm-model-puller:2.4.0", "--kube-api-qps=500",
+                                 "--kube-api-burst=1000"]
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert {"name": "health", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
@@ -282,7 +323,8 @@ def test_every_option_lands_where_it_belongs(helm_path: Path) -> None:
     assert lease_role["rules"] == lease_rules("llm-operator-everything")
     assert "--scrape-interval=2.5" in container["args"] and "--log-level=debug" in container["args"]
     assert {"--kube-api-qps=50.5", "--kube-api-burst=100", "--status-min-interval=20",
-            "--status-writes-per-second=40"} <= set(container["args"])
+            "--status-writes-per-second=40",
+            "--model-puller-image=registry.example.com/vllm-model-puller:2.4.0"} <= set(container["args"])
     assert container["image"] == "registry.example.com/vllm-operator:0.1.0-test"
     assert pod["priorityClassName"] == "ml-platform-critical"
     assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"} and pod["tolerations"] and pod["affinity"]

@@ -56,7 +56,7 @@ def test_schema_is_structural() -> None:
 def test_printer_columns_and_subresources() -> None:
     version = crd.crd()["spec"]["versions"][0]
     names = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
-    assert names == ["Model", "Accel", "Ready", "Phase", "Running", "Waiting", "KV%", "Tok/s", "Age"]
+    assert names == ["Model", "Accel", "Ready", "Phase", "Cache", "Running", "Waiting", "KV%", "Tok/s", "Age"]
     assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
     assert "status" in version["subresources"]
 

@@ -155,12 +155,29 @@ def test_openvino_defaults_leave_its_variables_unset() -> None:
 
 
 def test_secrets_only_through_secret_key_refs() -> None:
+    # Without a cache claim there is no download Job: the engines download, with the token.
     one = spec(model={"name": "org/m", "hfTokenSecretRef": {"name": "hf", "key": "token"}},
-               apiKeySecretRef={"name": "api", "key": "key"})
+               apiKeySecretRef={"name": "api", "key": "key"}, cache={"enabled": False})
     env = {e["name"]: e for e in engine_env(one)}
     assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+    assert "HF_HUB_OFFLINE" not in env
     assert env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "api", "key": "key"}
     assert "--api-key" not in engine_args(one, "x")
+
+
+@pytest.mark.parametrize(("overrides", "pulled"), [
+    ({}, True),
+    ({"cache": {"existingClaim": "shared"}}, True),
+    ({"cache": {"enabled": False}}, False),
+    ({"engine": {"env": [{"name": "HF_HUB_OFFLINE", "value": "1"}]}}, False),
+    ({"model": {"name": "org/m", "tokenizer": "org/other-tokenizer", "hfTokenSecretRef": {"name": "hf", "key": "t"}}},
+     False),
+])
+def test_engines_after_a_download_job_stay_offline_without_the_token(overrides: dict[str, Any], pulled: bool) -> None:
+    model = overrides.pop("model", {"name": "org/m", "hfTokenSecretRef": {"name": "hf", "key": "t"}})
+    env = {e["name"]: e.get("value") for e in engine_env(spec(model=model, **overrides))}
+    assert (env.get("HF_HUB_OFFLINE") == "1") is (pulled or "engine" in overrides)
+    assert ("HF_TOKEN" in env) is not pulled
 
 
 def test_user_env_overrides_operator_env() -> None:

@@ -8,20 +8,17 @@ import os
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import pytest
-from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
 import llmd
 from conftest import TEST_SCRAPE_INTERVAL
 from devcluster import engine
 from devcluster.operatorproc import OperatorProcess
-from devcluster.prefill import prefill_model_cache
 from devcluster.pytest_plugin import Cluster, wait_for
 from vllm_operator import api
 
@@ -34,19 +31,8 @@ STATUS_WRITE_VERBS = {"APPLY", "PATCH", "PUT", "POST"}
 @pytest.fixture(scope="module")
 def served(operator: OperatorProcess, cluster: Cluster) -> Iterator[str]:
     """A namespace where examples/cpu-tiny.yaml is Ready, with its cache pre-filled."""
-    if not engine.engine_ready() or engine.model_snapshot() is None:
-        pytest.fail("the engine venv or the tiny model is missing; `make test` builds them", pytrace=False)
-    namespace = f"t-engine-{uuid.uuid4().hex[:6]}"
-    core = client.CoreV1Api(cluster.api_client)
-    core.create_namespace({"metadata": {"name": namespace}})
-    try:
-        wait_for("the default ServiceAccount", lambda: core.list_namespaced_service_account(namespace).items, 30)
-        llmd.create(cluster.api_client, namespace, llmd.example("cpu-tiny"))
-        prefill_model_cache(cluster.api_client, namespace, NAME)
-        llmd.wait_phase(cluster.api_client, namespace, NAME, "Ready", 420)
+    with llmd.serving(cluster.api_client, "t-engine", llmd.example("cpu-tiny"), 420) as namespace:
         yield namespace
-    finally:
-        core.delete_namespace(namespace)
 
 
 def kubectl(cluster: Cluster, *args: str) -> str:

@@ -5,14 +5,11 @@ engines' own prefix cache counters; and a second LLMDeployment at zero replicas 
 from __future__ import annotations
 
 import urllib.request
-import uuid
 from collections.abc import Iterator
 
 import pytest
-from kubernetes import client
 
 import llmd
-from devcluster import engine
 from devcluster.operatorproc import OperatorProcess
 from devcluster.prefill import prefill_model_cache
 from devcluster.pytest_plugin import Cluster, wait_for
@@ -31,22 +28,11 @@ NAME = "tiny"
 @pytest.fixture(scope="module")
 def served(operator: OperatorProcess, cluster: Cluster) -> Iterator[str]:
     """A namespace where the tiny model is Ready on two replicas (examples/cpu-tiny.yaml, cache pre-filled)."""
-    if not engine.engine_ready() or engine.model_snapshot() is None:
-        pytest.fail("the engine venv or the tiny model is missing; `make test` builds them", pytrace=False)
-    namespace = f"t-gateway-engine-{uuid.uuid4().hex[:6]}"
-    core = client.CoreV1Api(cluster.api_client)
-    core.create_namespace({"metadata": {"name": namespace}})
-    try:
-        wait_for("the default ServiceAccount", lambda: core.list_namespaced_service_account(namespace).items, 30)
-        pair = llmd.example("cpu-tiny")
-        pair["spec"]["replicas"] = 2
-        pair["spec"]["cache"]["accessMode"] = "ReadWriteMany"
-        llmd.create(cluster.api_client, namespace, pair)
-        prefill_model_cache(cluster.api_client, namespace, NAME)
-        llmd.wait_phase(cluster.api_client, namespace, NAME, "Ready", PAIR_LOAD_TIMEOUT)
+    pair = llmd.example("cpu-tiny")
+    pair["spec"]["replicas"] = 2
+    pair["spec"]["cache"]["accessMode"] = "ReadWriteMany"
+    with llmd.serving(cluster.api_client, "t-gateway-engine", pair, PAIR_LOAD_TIMEOUT) as namespace:
         yield namespace
-    finally:
-        core.delete_namespace(namespace)
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,9 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-import types
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +17,10 @@ import pytest
 import yaml
 from aiohttp import web
 from kubernetes import client
-from kubernetes.config import incluster_config
 
 from devcluster.certs import Authority
 from devcluster.pytest_plugin import Cluster
-from vllm_operator import cli
+from vllm_operator import cli, kubeconfig
 from vllm_operator.handlers import RunOptions
 from vllm_operator.kube import (
     RETRY_AFTER_CAP, RETRY_ATTEMPTS, Credentials, EventLog, Kube, KubeError, TokenBucket, retry_delay,
@@ -49,7 +46,8 @@ def test_a_token_kubeconfig_sends_a_bearer_token(tmp_path: Path) -> None:
                                                    {"token": "abc.def"}))
     assert credentials.host == "https://127.0.0.1:6443"
     assert credentials.headers() == {"Authorization": "Bearer abc.def"}
-    assert credentials.ssl_context is False
+    assert isinstance(credentials.ssl_context, ssl.SSLContext)
+    assert credentials.ssl_context.verify_mode == ssl.CERT_NONE
 
 
 # -- a stand-in apiserver -----------------------------------------------------------------------
@@ -286,14 +284,6 @@ def test_unauthorized_reloads_the_credentials_once_and_retries(tmp_path: Path) -
     run(body)
 
 
-class TwoMinutesLater(datetime):
-    """The clock as the in-cluster loader reads it once its one-minute refresh period has passed."""
-
-    @classmethod
-    def now(cls, tz: tzinfo | None = None) -> datetime:  # type: ignore[override]
-        return datetime.now(tz) + timedelta(minutes=2)
-
-
 def test_the_in_cluster_token_rotated_by_the_kubelet_reaches_the_next_request(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -301,10 +291,12 @@ def test_the_in_cluster_token_rotated_by_the_kubelet_reaches_the_next_request(
     pair = authority.server("apiserver", "kubernetes", ("127.0.0.1",))
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(pair.cert, pair.key)
-    token = tmp_path / "token"
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    token = account / "token"
     token.write_text("first")
-    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
-    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(authority.pair.cert))
+    (account / "ca.crt").write_bytes(authority.pair.cert.read_bytes())
+    monkeypatch.setattr(kubeconfig, "SERVICE_ACCOUNT_DIR", account)
 
     async def body() -> None:
         async with apiserver(ok, server_context) as (fake, url):
@@ -313,11 +305,10 @@ def test_the_in_cluster_token_rotated_by_the_kubelet_reaches_the_next_request(
             kube = Kube(Credentials.load())
             try:
                 await kube.get("Deployment", "ns", "a")
-                token.write_text("second")
-                monkeypatch.setattr(incluster_config, "datetime",
-                                    types.SimpleNamespace(datetime=TwoMinutesLater, timedelta=timedelta))
+                (account / "token.new").write_text("second")
+                (account / "token.new").replace(token)  # as the kubelet swaps it
                 await kube.get("Deployment", "ns", "a")
-                assert fake.tokens == ["bearer first", "bearer second"]
+                assert fake.tokens == ["Bearer first", "Bearer second"]
             finally:
                 await kube.close()
 

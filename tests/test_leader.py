@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import kopf
-import kubernetes
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 
@@ -87,7 +86,7 @@ def test_microtime_is_utc_with_microseconds() -> None:
 
 
 def test_renew_deadline_must_fall_within_the_lease() -> None:
-    kube = Kube(Credentials("http://127.0.0.1:1", False, kubernetes.client.Configuration()))
+    kube = Kube(Credentials("http://127.0.0.1:1", False))
     with pytest.raises(ValueError, match="renew deadline < lease duration"):
         LeaderElector(kube, "ops", "lease", "a", lease_duration=10, renew_deadline=10)
 

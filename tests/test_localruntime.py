@@ -140,6 +140,25 @@ def test_launch_plan_for_other_images(tmp_path: Path) -> None:
                     tmp_path / "none", tmp_path, {})
 
 
+def test_launch_plan_for_the_model_puller_runs_the_repositorys_puller(tmp_path: Path) -> None:
+    from vllm_operator.render.manifests import Owner
+    from vllm_operator.render.puller import PullerSettings, pull_job
+    from vllm_operator.api import LLMDeploymentSpec
+
+    spec = LLMDeploymentSpec.model_validate({"model": {"name": "local/tiny"}, "accelerator": {"type": "cpu"}})
+    pod = pull_job(spec, Owner("tiny", "ns", "uid"), PullerSettings("registry.example.com/vllm-model-puller:2.4.0"))
+    container = pod["spec"]["template"]["spec"]["containers"][0]
+    mounts = [("/cache", tmp_path / "pv"), ("/dev/termination-log", tmp_path / "message")]
+    plan = launch_plan(container, {"metadata": {"name": "p", "namespace": "ns"}, "spec": {}}, "127.0.10.9", mounts,
+                       FakeObjects({}, {}), tmp_path / "none", tmp_path / "home", {"PATH": os.environ["PATH"]})
+    puller = Path(__file__).resolve().parents[1] / "images" / "model-puller" / "puller.py"
+    assert not plan.engine
+    assert plan.argv[:3] == [sys.executable, str(puller), "local/tiny"] and puller.is_file()
+    assert plan.env["HF_HOME"] == f"{tmp_path}/pv/huggingface"
+    assert plan.env["PULLER_HOST"] == "127.0.10.9"
+    assert plan.env["PULLER_TERMINATION_LOG"] == str(tmp_path / "message")
+
+
 def test_ip_pool_hands_out_unique_addresses() -> None:
     pool = IpPool()
     first = pool.allocate("a", None)

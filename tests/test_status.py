@@ -165,3 +165,35 @@ def test_a_claim_still_binding_is_a_wait_not_unschedulable() -> None:
     assert conditions(status)["Unschedulable"]["status"] == "False"
     assert status["phase"] == "Pending" and not status_events({}, status)
     assert conditions(status)["Ready"]["reason"] == "ClaimBinding"
+
+
+DOWNLOADING = {"phase": "Downloading", "job": "llama-cache-pull-0a1b2c3d", "bytesTotal": 1000, "bytesDone": 420,
+               "percent": 42.0, "message": "downloading org/llama: 420 B of 1.0 KB"}
+
+
+def test_downloading_before_any_engine_then_loading_once_the_engines_run() -> None:
+    waiting = Observation("llama", "ai", 3, 1, cache=DOWNLOADING)
+    status = compute_status(waiting, {}, NOW)
+    assert status["phase"] == "Downloading" and status["cache"] == DOWNLOADING
+    ready = conditions(status)["Ready"]
+    assert (ready["status"], ready["reason"]) == ("False", "Downloading") and "420 B" in ready["message"]
+    assert conditions(status)["Progressing"]["reason"] == "Downloading"
+    assert conditions(status)["Degraded"]["status"] == "False"
+    done = {**DOWNLOADING, "phase": "Ready", "bytesDone": 1000, "percent": 100.0}
+    assert compute_status(observe(pod("a"), cache=done), status, LATER)["phase"] == "Loading"
+
+
+def test_engines_that_serve_an_earlier_model_keep_their_phase_while_the_next_one_downloads() -> None:
+    assert compute_status(observe(pod("a", ready=True), cache=DOWNLOADING), {}, NOW)["phase"] == "Ready"
+
+
+def test_a_failed_download_fails_the_llmdeployment_with_the_pullers_reason_and_a_warning() -> None:
+    message = "org/nope does not exist on the hub: check model.name; delete the Job ... to try again"
+    failed = Observation("llama", "ai", 3, 1, cache={"phase": "Failed", "job": "j", "message": message},
+                         download_failed=("RepositoryNotFound", message))
+    status = compute_status(failed, compute_status(Observation("llama", "ai", 3, 1, cache=DOWNLOADING), {}, NOW), LATER)
+    assert status["phase"] == "Failed" and status["cache"]["phase"] == "Failed"
+    assert (conditions(status)["Ready"]["reason"], conditions(status)["Ready"]["message"]) == (
+        "RepositoryNotFound", message)
+    events = status_events({"phase": "Downloading"}, status)
+    assert ("Warning", "Failed", f"phase Downloading -> Failed: {message}") in events

@@ -76,3 +76,15 @@ def test_a_key_that_no_longer_needs_a_write_leaves_the_line() -> None:
     budget.cancel("b")
     clock.now += 1
     assert budget.request("c") == 0
+
+
+def test_download_progress_is_a_paced_figures_write_and_its_phase_is_written_at_once() -> None:
+    cache = {"phase": "Downloading", "job": "j", "bytesTotal": 100, "bytesDone": 10, "percent": 10.0,
+             "bytesPerSecond": 5.0, "etaSeconds": 18.0, "message": "downloading"}
+    base = {"phase": "Downloading", "cache": cache}
+    progressed = {**cache, "bytesDone": 11, "percent": 11.0, "etaSeconds": 17.8}
+    assert classify(base, {**base, "cache": progressed}) is Change.FIGURES
+    assert classify(base, dict(base)) is Change.NONE
+    for news in ({"phase": "Ready"}, {"revision": "abc"}, {"message": "downloading, attempt 2"}):
+        assert classify(base, {**base, "cache": {**progressed, **news}}) is Change.NOW, news
+    assert classify({"phase": "Pending"}, base) is Change.NOW

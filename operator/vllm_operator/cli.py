@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--status-writes-per-second", type=_positive(float), default=100.0,
                      help="status writes of engine load figures a second, shared fairly by every LLMDeployment")
     run.add_argument("--scrape-concurrency", type=_positive(int), default=64, help="engines scraped in parallel")
+    run.add_argument("--model-puller-image",
+                     help="image of the Jobs that download Hugging Face models into cache claims (docs/images.md); "
+                          "default: vllm-model-puller:2.4.0")
     run.add_argument("--leader-elect", action="store_true",
                      help="for several replicas: only the holder of a Lease reconciles and scrapes, the others stand by")
     run.add_argument("--leader-election-namespace", default=os.environ.get("POD_NAMESPACE"),
@@ -128,9 +131,6 @@ def _configure_logging(fmt: str, level: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.kubeconfig:
-        # Before kubernetes is imported (through kopf): it reads KUBECONFIG once, at import time.
-        os.environ["KUBECONFIG"] = args.kubeconfig
     import asyncio
 
     import kopf
@@ -149,6 +149,8 @@ def _run(args: argparse.Namespace) -> int:
     handlers.OPTIONS.scrape_concurrency = args.scrape_concurrency
     handlers.OPTIONS.status_min_interval = args.status_min_interval
     handlers.OPTIONS.status_writes_per_second = args.status_writes_per_second
+    if args.model_puller_image:
+        handlers.OPTIONS.model_puller_image = args.model_puller_image
     if args.leader_elect:
         handlers.OPTIONS.leader_election_namespace = args.leader_election_namespace
         handlers.OPTIONS.leader_election_id = args.leader_election_id
@@ -167,15 +169,16 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import asyncio
     import json
     import time
     import uuid
 
-    from kubernetes import client, config
     from pydantic import ValidationError
 
-    from vllm_operator import api
+    from vllm_operator import api, kubeconfig
     from vllm_operator.benchmark import describe_request_error
+    from vllm_operator.kube import Credentials, Kube, object_path
 
     fields = {"dataset": args.dataset, "datasetPath": args.dataset_path, "numPrompts": args.num_prompts,
               "requestRate": args.request_rate, "maxConcurrency": args.max_concurrency, "inputLen": args.input_len,
@@ -186,33 +189,41 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                                                              if v is not None}})
     except ValidationError as error:
         parser.error(describe_request_error(error))
-    config.load_kube_config(args.kubeconfig)
-    namespace = args.namespace or config.list_kube_config_contexts(args.kubeconfig)[1]["context"].get(
-        "namespace", "default")
-    objects = client.CustomObjectsApi()
+    access = kubeconfig.from_kubeconfig(args.kubeconfig)
+    namespace = args.namespace or access.namespace or "default"
     annotation = request.model_dump_json(by_alias=True, exclude_none=True)
-    objects.patch_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, args.name,
-                                           {"metadata": {"annotations": {api.BENCHMARK_ANNOTATION: annotation}}})
-    print(f"benchmark {request_id} requested for {namespace}/{args.name}")
-    if not args.wait:
-        return 0
-    deadline, said = time.monotonic() + args.timeout, None
-    while time.monotonic() < deadline:
-        found = objects.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, args.name)
-        status = (found.get("status") or {}).get("benchmark") or {}
-        if status.get("id") == request_id and status.get("message") != said:
-            said = status["message"]
-            print(f"{status['phase']}: {said}", file=sys.stderr)
-        if status.get("id") == request_id and status.get("phase") in ("Succeeded", "Failed"):
-            print(json.dumps(status, indent=2))
-            return 0 if status["phase"] == "Succeeded" else 1
-        time.sleep(2)
-    print(f"benchmark {request_id} did not finish within {args.timeout:.0f}s", file=sys.stderr)
-    return 1
+
+    async def run() -> int:
+        kube = Kube(Credentials.of(access, args.kubeconfig))
+        try:
+            await kube.request("PATCH", object_path(api.KIND, namespace, args.name),
+                               body={"metadata": {"annotations": {api.BENCHMARK_ANNOTATION: annotation}}},
+                               content_type="application/merge-patch+json")
+            print(f"benchmark {request_id} requested for {namespace}/{args.name}")
+            if not args.wait:
+                return 0
+            deadline, said = time.monotonic() + args.timeout, None
+            while time.monotonic() < deadline:
+                found = await kube.get(api.KIND, namespace, args.name)
+                status = (found.get("status") or {}).get("benchmark") or {}
+                if status.get("id") == request_id and status.get("message") != said:
+                    said = status["message"]
+                    print(f"{status['phase']}: {said}", file=sys.stderr)
+                if status.get("id") == request_id and status.get("phase") in ("Succeeded", "Failed"):
+                    print(json.dumps(status, indent=2))
+                    return 0 if status["phase"] == "Succeeded" else 1
+                await asyncio.sleep(2)
+            print(f"benchmark {request_id} did not finish within {args.timeout:.0f}s", file=sys.stderr)
+            return 1
+        finally:
+            await kube.close()
+
+    return asyncio.run(run())
 
 
 def _gateway(args: argparse.Namespace) -> int:
     import asyncio
+    import signal
 
     from vllm_operator.gateway.server import serve
     from vllm_operator.gateway.watch import Fleet
@@ -221,7 +232,13 @@ def _gateway(args: argparse.Namespace) -> int:
     _configure_logging(args.log_format, args.log_level)
 
     async def run() -> None:
-        kube = Kube(Credentials.load(args.kubeconfig))
+        # SIGTERM (a Pod stopping) ends serve() through its cleanup, which lets requests in flight finish.
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        # Each watch holds a connection for as long as it lasts: two per namespace, and room for the rest.
+        watches = 2 * max(1, len(args.namespaces))
+        kube = Kube(Credentials.load(args.kubeconfig), max_connections=watches + 8)
         try:
             await serve(Fleet(kube, tuple(args.namespaces) or None), args.host, args.port, args.wake_timeout)
         finally:
@@ -229,7 +246,7 @@ def _gateway(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(run())
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,13 +18,15 @@ import kopf
 from kopf._core.reactor.inventory import ResourceMemories, ResourceMemory
 from prometheus_client import REGISTRY, start_http_server
 
-from vllm_operator import api, observability
+from vllm_operator import api, kubeconfig, observability
 from vllm_operator.engines.export import EngineLoadCollector
 from vllm_operator.engines.monitor import EngineMonitor
 from vllm_operator.kube import Credentials, Kube
 from vllm_operator.leader import LeaderElector
 from vllm_operator.reconcile.controller import Controller
 from vllm_operator.render.manifests import SELECTOR_LABEL
+from vllm_operator.render.puller import DEFAULT_IMAGE as DEFAULT_PULLER_IMAGE
+from vllm_operator.render.puller import PullerSettings
 
 
 @dataclass
@@ -39,6 +42,7 @@ class RunOptions:
     scrape_concurrency: int = 64
     status_min_interval: float = 30.0
     status_writes_per_second: float = 100.0
+    model_puller_image: str = DEFAULT_PULLER_IMAGE
     # The Lease's namespace and name and this replica's identity; no namespace: no election.
     leader_election_namespace: str | None = None
     leader_election_id: str = "vllm-operator"
@@ -93,6 +97,23 @@ def _controller() -> Controller:
     return _state["controller"]
 
 
+@kopf.on.login()
+def login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf's watches log in with the reconciler's credentials; run again when they expire or are refused.
+
+    Ours and not kopf's fallbacks: those import the ``kubernetes`` package when it is installed
+    (kubeconfig.py says what that costs), and kopf's own kubeconfig reader runs no exec plugins.
+    """
+    access = kubeconfig.load(OPTIONS.kubeconfig)
+    return kopf.ConnectionInfo(
+        server=access.server, ca_path=access.ca_file, ca_data=access.ca_data, insecure=access.insecure,
+        token=access.token.value() if access.token else None,
+        certificate_path=access.cert_file, certificate_data=access.cert_data,
+        private_key_path=access.key_file, private_key_data=access.key_data,
+        default_namespace=access.namespace, expiration=access.expires,
+    )
+
+
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
     # The controller records its own Events; kopf's per-handler Events would only repeat them.
@@ -108,7 +129,10 @@ async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
         start_http_server(OPTIONS.metrics_port)
     credentials = Credentials.load(OPTIONS.kubeconfig)
     kube = Kube(credentials, qps=OPTIONS.kube_qps, burst=OPTIONS.kube_burst)
-    controller = Controller(kube, OPTIONS.status_min_interval, OPTIONS.status_writes_per_second)
+    # Download Jobs ask the hub the operator asks (HF_ENDPOINT: a mirror, or the tests' local hub).
+    puller = PullerSettings(OPTIONS.model_puller_image, os.environ.get("HF_ENDPOINT") or None)
+    controller = Controller(kube, OPTIONS.status_min_interval, OPTIONS.status_writes_per_second, puller=puller,
+                            progress_interval=OPTIONS.scrape_interval)
     loads = EngineLoadCollector(lambda: {key: view.stats for key, view in controller.engines.items()},
                                 lambda: {key: decision.desired for key, decision in controller.decisions.items()})
     REGISTRY.register(loads)
@@ -180,6 +204,8 @@ async def stop(**_: Any) -> None:
         await asyncio.gather(_state["task"], return_exceptions=True)
     for client in _state.get("clients", []):
         await client.close()
+    if "controller" in _state:
+        await _state["controller"].progress.close()
     if "collector" in _state:
         REGISTRY.unregister(_state.pop("collector"))
 

@@ -6,7 +6,7 @@ apiserver asks to be retried (429, and 503 with Retry-After), keeps to a client-
 renews expired or refused tokens, and counts repeated Events on the Event already posted.
 
 Why our own and not a library: measured against the local apiserver (2 cores) in one run, each
-client in a process of its own after the imports the operator has anyway (kopf, kubernetes), 32
+client in a process of its own after the imports the operator had then (kopf, kubernetes), 32
 requests in flight over 16 connections; 2,000 server-side applies (force) of the operator's own
 Deployment manifest to 100 existing objects, then 2,000 GETs of them; median of 3 runs:
 
@@ -37,11 +37,8 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 import aiohttp
-import kubernetes
-from kubernetes.config import kube_config
-from kubernetes.config.dateutil import parse_rfc3339
 
-from vllm_operator import __version__, api
+from vllm_operator import __version__, api, kubeconfig
 
 FIELD_MANAGER = "vllm-operator"
 USER_AGENT = f"vllm-operator/{__version__}"
@@ -74,42 +71,24 @@ class KubeError(Exception):
 class Credentials:
     host: str
     ssl_context: ssl.SSLContext | bool
-    configuration: kubernetes.client.Configuration
+    token: kubeconfig.Token | None = None
     kubeconfig: str | None = None  # what they were loaded from, to load them again
     expires: float | None = None  # when an exec plugin's token expires (epoch seconds); None: never said
 
     @classmethod
-    def load(cls, kubeconfig: str | None = None) -> Credentials:
-        """In-cluster credentials when running in a Pod, the kubeconfig otherwise."""
-        configuration = kubernetes.client.Configuration()
-        expires = None
-        try:
-            # Its refresh hook re-reads the projected token, which the kubelet rotates, once a minute;
-            # headers() runs it for every request.
-            kubernetes.config.load_incluster_config(client_configuration=configuration)
-        except kubernetes.config.ConfigException:
-            # The loader that load_kube_config() hides: only it knows when an exec plugin's token expires.
-            loader = kube_config._get_kube_config_loader(
-                filename=kubeconfig or kube_config.KUBE_CONFIG_DEFAULT_LOCATION, persist_config=True)
-            loader.load_and_set(configuration)
-            # Not its hook: that runs the exec plugin on the event loop, and for every request once the token
-            # is within five minutes of expiry. Kube loads expired credentials again itself, in a thread.
-            configuration.refresh_api_key_hook = None
-            expiry = getattr(loader, "expiry", None)
-            expires = parse_rfc3339(expiry).timestamp() if expiry else None
-        context: ssl.SSLContext | bool
-        if configuration.verify_ssl:
-            context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
-            if configuration.cert_file:
-                context.load_cert_chain(configuration.cert_file, configuration.key_file)
-        else:
-            context = False
-        return cls(configuration.host.rstrip("/"), context, configuration, kubeconfig, expires)
+    def load(cls, kubeconfig_path: str | None = None) -> Credentials:
+        """The kubeconfig named; otherwise in-cluster credentials in a Pod, ``$KUBECONFIG`` outside one."""
+        return cls.of(kubeconfig.load(kubeconfig_path), kubeconfig_path)
+
+    @classmethod
+    def of(cls, access: kubeconfig.Access, kubeconfig_path: str | None = None) -> Credentials:
+        return cls(access.server.rstrip("/"), access.ssl_context(), access.token, kubeconfig_path,
+                   access.expires.timestamp() if access.expires else None)
 
     def headers(self) -> dict[str, str]:
-        # Client versions differ in the key name; the value already carries "Bearer ".
-        token = self.configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
-        return {"Authorization": token} if token else {}
+        # An in-cluster token is read again when the kubelet has rotated it.
+        token = self.token.value() if self.token else None
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     def expired(self, now: float) -> bool:
         return self.expires is not None and now >= self.expires
@@ -284,7 +263,7 @@ class Kube:
                 try:
                     # An exec plugin may take a second; the event loop must not wait for it.
                     self._credentials = await asyncio.to_thread(Credentials.load, stale.kubeconfig)
-                except (kubernetes.config.ConfigException, OSError) as exc:
+                except (kubeconfig.ConfigError, OSError) as exc:
                     raise KubeError(0, f"loading the credentials again failed: {exc}") from exc
             return self._credentials
 

@@ -105,11 +105,12 @@ does not exist yet. Reads are watches (kopf) and never need more than get/list/w
   resources: [poddisruptionbudgets]
   verbs: [get, list, watch, create, patch, delete]
 # Engine Pods: their state becomes the status, their IPs the scrape targets; a benchmark Pod's
-# termination message is the benchmark's result.
+# termination message is the benchmark's result, a model puller Pod's the outcome of its download.
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
-# Serving benchmarks run as Jobs, deleted once their result is in the status.
+# Serving benchmarks run as Jobs, deleted once their result is in the status; so do model downloads
+# (docs/cold-start.md), deleted once a later download replaced them.
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, delete]

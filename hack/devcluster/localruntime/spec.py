@@ -22,6 +22,10 @@ Obj = dict[str, Any]
 Mount = tuple[str, Path]
 
 ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
+# The model puller image's script (images/model-puller/Dockerfile), run from the repository with this venv's
+# huggingface_hub instead.
+PULLER_SCRIPT = "/opt/puller/puller.py"
+LOCAL_PULLER = Path(__file__).resolve().parents[3] / "images" / "model-puller" / "puller.py"
 WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
 _REFERENCE = re.compile(r"\$(\$|\(([^()]*)\))")
 _PYTHON = re.compile(r"python(3(\.\d+)?)?")
@@ -166,6 +170,11 @@ def is_engine_image(image: str) -> bool:
     return "vllm" in "/".join(parts)
 
 
+def is_puller_image(image: str) -> bool:
+    """Whether the image's repository (registry host, tag and digest aside) is the model puller's."""
+    return image.split("@", 1)[0].rsplit("/", 1)[-1].split(":", 1)[0].endswith("model-puller")
+
+
 def engine_arguments(argv: Sequence[str]) -> list[str] | None:
     """The server's own options when ``argv`` starts the vLLM OpenAI server, else None."""
     if len(argv) >= 2 and os.path.basename(argv[0]) == "vllm" and argv[1] == "serve":
@@ -213,7 +222,8 @@ def launch_plan(
            for key, value in container_env(container, pod, pod_ip, source).items()}
     command = [expand(part, env) for part in container.get("command", [])]
     args = [rewrite_service_urls(expand(part, env), source) for part in container.get("args", [])]
-    engine = is_engine_image(container.get("image", ""))
+    puller = is_puller_image(container.get("image", ""))
+    engine = is_engine_image(container.get("image", "")) and not puller  # vllm-model-puller names vllm too
     # Without a command the image's entrypoint would run; for vLLM images that is the server.
     server_options = engine_arguments(command + args) if command else engine_arguments(["vllm", "serve", *args])
     if engine and server_options is not None:
@@ -225,6 +235,8 @@ def launch_plan(
     else:
         raise SpecError("the local runtime cannot read image entrypoints; give the container a command")
     argv = [rewrite_path(part, mounts) for part in argv]
+    if puller and argv[1:2] == [PULLER_SCRIPT]:
+        argv[1] = str(LOCAL_PULLER)
     if engine and server_options is None and _PYTHON.fullmatch(os.path.basename(argv[0])):
         # Other Python programs of a vLLM image (its serving benchmark) need vLLM too: the engine venv has it.
         if not engine_python.is_file():

@@ -16,7 +16,14 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from pydantic.alias_generators import to_camel
 
 from vllm_operator.engines.metrics import EngineStats
-from vllm_operator.render.vllm_flags import REMOVED_FLAGS, extra_args_errors, owned_flag_pattern
+from vllm_operator.render.vllm_flags import (
+    REMOVED_FLAGS,
+    VALUE_TOKEN_PATTERN,
+    VLLM_VERSION,
+    catalog,
+    extra_args_errors,
+    owned_flag_pattern,
+)
 
 GROUP = "llm.vllm-operator.io"
 VERSION = "v1alpha1"
@@ -34,11 +41,23 @@ DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 HF_REPO_ID_PATTERN = r"^([A-Za-z0-9][A-Za-z0-9_.-]*/)?[A-Za-z0-9][A-Za-z0-9_.-]*$"
 PVC_MODEL_PATTERN = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^/].*)?$"
+# Unicode's whitespace, spelled out: \s is all of it to pydantic's regex engine but ASCII only to the apiserver's
+# (RE2), so a pattern with \s would let the apiserver accept what the operator then refuses.
+WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NO_WHITESPACE_PATTERN = f"^[^{WHITESPACE}]+$"
+# A glob over paths inside a repo (fnmatch, as huggingface_hub filters files): relative, no spaces.
+FILE_PATTERN = f"^[^/{WHITESPACE}][^{WHITESPACE}]*$"
+PARENT_SEGMENT = r"(^|/)[.][.](/|$)"  # no backslash: it is also a CEL string
+PATTERNS_MESSAGE = "model.allowPatterns and model.ignorePatterns are globs of paths inside the repo, without '..'"
+# The files vLLM loads a safetensors checkpoint from: configs, tokenizers, chat templates, weights and their
+# index, and a remote-code model's Python. Other weight formats and Meta's original/ copy are not fetched.
+DEFAULT_ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja", "*.py")
+DEFAULT_IGNORE_PATTERNS = ("original/*", "*.bin", "*.pth", "*.pt", "*.gguf", "*.msgpack", "*.h5", "*.onnx")
 
 
 
 def _check_quantity(value: str | int) -> str | int:
-    if isinstance(value, str) and not re.match(QUANTITY_PATTERN, value):
+    if isinstance(value, str) and not re.fullmatch(QUANTITY_PATTERN, value):
         raise ValueError(f"{value!r} should match a Kubernetes quantity such as 500m, 8Gi or 2")
     return value
 
@@ -59,9 +78,14 @@ def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str
 
 
 class ApiModel(BaseModel):
-    """camelCase on the wire, snake_case in Python; unknown fields are errors."""
+    """camelCase on the wire, snake_case in Python; unknown fields are errors.
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+    Strict types, as the apiserver's schema has them: "2" is no integer and 1 no boolean (pydantic's lax mode
+    would take both, and so accept specs the apiserver refuses).
+    """
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True,
+                              strict=True)
 
 
 class KeyRef(ApiModel):
@@ -75,6 +99,22 @@ class KeyRef(ApiModel):
         description="Key inside it whose value is used.",
         min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$",
     )
+
+
+def _check_patterns(values: list[str]) -> list[str]:
+    if any(re.search(PARENT_SEGMENT, value) for value in values):
+        raise ValueError(PATTERNS_MESSAGE)
+    return values
+
+
+FilePatterns = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=256, pattern=FILE_PATTERN)]],
+    AfterValidator(_check_patterns),
+    Field(min_length=1, max_length=64, json_schema_extra={
+        "x-kubernetes-list-type": "atomic",
+        "x-kubernetes-validations": [cel(f"!self.exists(p, p.matches('{PARENT_SEGMENT}'))", PATTERNS_MESSAGE)],
+    }),
+]
 
 
 class ModelSpec(ApiModel):
@@ -121,7 +161,7 @@ class ModelSpec(ApiModel):
     served_name: str | None = Field(
         None,
         description="Model name clients put in OpenAI API requests. Default: metadata.name.",
-        min_length=1, max_length=255, pattern=r"^[^\s]+$",
+        min_length=1, max_length=255, pattern=NO_WHITESPACE_PATTERN,
     )
     trust_remote_code: bool = Field(
         False, description="Allow the model repo's own Python code to run (needed by some architectures)."
@@ -133,7 +173,24 @@ class ModelSpec(ApiModel):
         None, description="A ConfigMap key holding the Jinja chat template; exclusive with chatTemplate."
     )
     hf_token_secret_ref: KeyRef | None = Field(
-        None, description="Secret key holding a Hugging Face token, for gated or private repos (exposed as HF_TOKEN)."
+        None, description=(
+            "Secret key holding a Hugging Face token, for gated or private repos: HF_TOKEN of the download Job "
+            "only, or of the engines when they download themselves."
+        ),
+    )
+    allow_patterns: FilePatterns | None = Field(
+        None,
+        description=(
+            "Globs of the repo's files the download Job fetches. Default: "
+            f"{', '.join(DEFAULT_ALLOW_PATTERNS)} (what vLLM loads a safetensors checkpoint from)."
+        ),
+    )
+    ignore_patterns: FilePatterns | None = Field(
+        None,
+        description=(
+            "Globs of the repo's files the download Job skips, even when allowed. Default: "
+            f"{', '.join(DEFAULT_IGNORE_PATTERNS)} (other weight formats and Meta's original/ copy)."
+        ),
     )
 
     @model_validator(mode="after")
@@ -234,6 +291,13 @@ class CudaGraphSpec(ApiModel):
         min_length=1, max_length=128,
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> CudaGraphSpec:
+        # The twin of list-type set, which makes the apiserver refuse a repeated item.
+        if self.capture_sizes is not None and len(set(self.capture_sizes)) < len(self.capture_sizes):
+            raise ValueError("engine.cudaGraph.captureSizes: each size may appear once")
+        return self
 
 
 EnvVarName = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")]
@@ -353,7 +417,7 @@ class EngineSpec(ApiModel):
     openvino: OpenVINOSpec | None = Field(None, description="OpenVINO backend settings (with backend: openvino).")
     image: str | None = Field(
         None, description="Engine container image. Default: the accelerator profile's image for the backend.",
-        min_length=1, max_length=512, pattern=r"^[^\s]+$",
+        min_length=1, max_length=512, pattern=NO_WHITESPACE_PATTERN,
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         None, description="Image pull policy of the engine container. Default: IfNotPresent."
@@ -430,6 +494,13 @@ class EngineSpec(ApiModel):
                         f"engine.extraArgs: {flag} was removed from vLLM: {advice}")
                     for flag, advice in REMOVED_FLAGS.items()
                 ),
+                # The twin of extra_args_errors' unknown-flag check: a value token, or a flag the server knows.
+                cel(
+                    f"self.all(a, a == '' || a.matches('{VALUE_TOKEN_PATTERN}') || a.split('=')[0] in "
+                    f"[{', '.join(repr(flag) for flag in sorted(catalog().aliases))}])",
+                    f"engine.extraArgs holds a flag that vLLM {VLLM_VERSION}'s server does not have (see vllm serve "
+                    "--help)",
+                ),
             ],
         },
     )
@@ -460,10 +531,13 @@ class EngineSpec(ApiModel):
                 raise ValueError(OPENVINO_KV_DTYPE_MESSAGE)
             if self.block_size is not None:
                 raise ValueError(OPENVINO_BLOCK_SIZE_MESSAGE)
-            if any(re.match(OPENVINO_LORA_PATTERN, arg) for arg in self.extra_args):
+            if any(re.fullmatch(OPENVINO_LORA_PATTERN, arg) for arg in self.extra_args):
                 raise ValueError(OPENVINO_LORA_MESSAGE)
         if any(var.name in SECRET_ENV_NAMES and var.value is not None for var in self.env):
             raise ValueError(SECRET_ENV_MESSAGE)
+        # The twin of list-type map keyed by name, which makes the apiserver refuse a repeated name.
+        if len({var.name for var in self.env}) < len(self.env):
+            raise ValueError("engine.env: each name may appear once")
         if (
             self.max_num_batched_tokens is not None
             and self.max_num_seqs is not None
@@ -583,7 +657,7 @@ MAX_REPLICAS = 1000
 
 
 def _check_step(value: int | str) -> int | str:
-    if isinstance(value, str) and not re.match(REPLICA_STEP_PATTERN, value):
+    if isinstance(value, str) and not re.fullmatch(REPLICA_STEP_PATTERN, value):
         raise ValueError(f"{value!r} should be a number of replicas or a percentage such as 100%")
     if isinstance(value, int) and not 1 <= value <= MAX_REPLICAS:
         raise ValueError(f"{value} should be between 1 and {MAX_REPLICAS} replicas")
@@ -921,7 +995,7 @@ class LLMDeploymentSpec(ApiModel):
         return self
 
 
-Phase = Literal["Pending", "Loading", "Ready", "Idle", "Degraded", "Failed"]
+Phase = Literal["Pending", "Downloading", "Loading", "Ready", "Idle", "Degraded", "Failed"]
 
 
 class Condition(ApiModel):
@@ -944,6 +1018,44 @@ class AutoscalingStatus(ApiModel):
         default_factory=dict, description="Each target's metric over the decision window, per target metric."
     )
     last_scale_time: str | None = Field(None, description="When it last changed spec.replicas (RFC 3339).")
+
+
+class CapacityStatus(ApiModel):
+    """What one replica holds, from the model's config.json and file sizes on the hub and the accelerator's memory,
+    worked out before any Pod is created."""
+
+    fit: Literal["Fits", "Unknown"] = Field(
+        description="Fits, or Unknown when the check cannot judge (an architecture it does not know, no answer from "
+                    "the hub, an accelerator of unknown memory). A model that does not fit fails the LLMDeployment "
+                    "with reason DoesNotFit instead."
+    )
+    message: str = Field(description="The figures behind the verdict, or why there is none.")
+    device: str | None = Field(None, description="The accelerator the figures are for, e.g. NVIDIA H100 80GB.")
+    max_model_len: int | None = Field(None, description="The context length the figures are for.")
+    kv_cache_tokens: int | None = Field(None, description="Tokens the KV cache of one replica holds.")
+    max_concurrent_sequences: float | None = Field(
+        None, description="Sequences of maxModelLen tokens one replica holds at once."
+    )
+
+
+CachePhase = Literal["Pending", "Downloading", "Ready", "Failed"]
+
+
+class CacheStatus(ApiModel):
+    """The download of a Hugging Face model into the cache claim, by the model puller Job."""
+
+    phase: CachePhase = Field(
+        description="Pending (the Job waits to start), Downloading, Ready (the engines may start) or Failed."
+    )
+    bytes_total: int | None = Field(None, ge=0, description="Bytes of the files to download, from the hub's listing.")
+    bytes_done: int | None = Field(None, ge=0, description="Bytes of those files in the cache.")
+    percent: float | None = Field(None, ge=0, le=100, description="bytesDone of bytesTotal, in percent.")
+    bytes_per_second: float | None = Field(None, ge=0, description="Download rate over the last seconds.")
+    eta_seconds: float | None = Field(None, ge=0, description="Seconds left at that rate.")
+    revision: str | None = Field(None, description="The commit the model's revision resolved to.")
+    job: str | None = Field(None, description="The Job that downloads (or downloaded) the model; LLMDeployments on "
+                            "one claim share it.")
+    message: str | None = Field(None, description="What happens, or why the download failed, for a person.")
 
 
 # The annotation that asks for a serving benchmark: a BenchmarkRequest as JSON (`vllm-operator bench` writes it).
@@ -1052,7 +1164,8 @@ class LLMDeploymentStatus(ApiModel):
     """Observed state of an LLMDeployment, written by the operator."""
 
     phase: Phase | None = Field(
-        None, description="Pending, Loading, Ready, Idle (scaled to zero by the autoscaler), Degraded or Failed."
+        None, description="Pending, Downloading (the model into the cache), Loading, Ready, Idle (scaled to zero by "
+        "the autoscaler), Degraded or Failed."
     )
     replicas: int | None = Field(None, description="Engine Pods that exist.")
     ready_replicas: int | None = Field(None, description="Engine Pods that are Ready.")
@@ -1072,6 +1185,12 @@ class LLMDeploymentStatus(ApiModel):
     benchmark: BenchmarkStatus | None = Field(
         None, description="The latest serving benchmark asked for with the llm.vllm-operator.io/benchmark annotation."
     )
+    capacity: CapacityStatus | None = Field(
+        None, description="The fit check of a Hugging Face model: whether it fits, and the KV-cache tokens it leaves."
+    )
+    cache: CacheStatus | None = Field(
+        None, description="The download of a Hugging Face model into the cache claim, before the engines start."
+    )
 
 
 def parse_model_source(name: str) -> tuple[str, str, str]:
@@ -1080,14 +1199,40 @@ def parse_model_source(name: str) -> tuple[str, str, str]:
     Raises ValueError with a message for the user when the name fits none of them.
     """
     if name.startswith("pvc://"):
-        if not re.match(PVC_MODEL_PATTERN, name):
+        if not re.fullmatch(PVC_MODEL_PATTERN, name):
             raise ValueError("model.name pvc://<claim>/<path> needs a claim name (lowercase letters, digits and '-')")
         claim, _, path = name[len("pvc://"):].partition("/")
         return "pvc", claim, path
     if name.startswith("file:///"):
         return "file", "", name[len("file://"):]
-    if "://" in name or not re.match(HF_REPO_ID_PATTERN, name):
+    if "://" in name or not re.fullmatch(HF_REPO_ID_PATTERN, name):
         raise ValueError(
             "model.name must be a Hugging Face repo id (org/name), pvc://<claim>/<path> or file:///<absolute path>"
         )
     return "hf", "", name
+
+
+TRUE_VALUES = ("1", "true", "yes", "on")
+
+
+def hub_offline(spec: LLMDeploymentSpec) -> bool:
+    """Whether spec.engine.env tells the engines to stay off the hub: their cache is filled by other means."""
+    return any(var.name == "HF_HUB_OFFLINE" and (var.value or "").strip().lower() in TRUE_VALUES
+               for var in spec.engine.env)
+
+
+def pulls_model(spec: LLMDeploymentSpec) -> bool:
+    """Whether a download Job fills the cache claim before the engines start (which then stay offline).
+
+    Not for a tokenizer from another repo: the Job fetches one repo, and offline engines could not get it.
+    """
+    tokenizer = spec.model.tokenizer
+    other_tokenizer = tokenizer is not None and tokenizer != spec.model.name and not tokenizer.startswith("/") \
+        and re.fullmatch(HF_REPO_ID_PATTERN, tokenizer) is not None
+    return (spec.cache.enabled and parse_model_source(spec.model.name)[0] == "hf" and not hub_offline(spec)
+            and not other_tokenizer)
+
+
+def download_patterns(model: ModelSpec) -> tuple[list[str], list[str]]:
+    """The allow and ignore globs of the download, defaults filled in."""
+    return (list(model.allow_patterns or DEFAULT_ALLOW_PATTERNS), list(model.ignore_patterns or DEFAULT_IGNORE_PATTERNS))

@@ -25,6 +25,8 @@ PRINTER_COLUMNS = [
     {"name": "Accel", "type": "string", "jsonPath": ".spec.accelerator.type"},
     {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Cache", "type": "number", "jsonPath": ".status.cache.percent",
+     "description": "Percent of the model downloaded into the cache claim"},
     {"name": "Running", "type": "integer", "jsonPath": ".status.engine.requestsRunning",
      "description": "Requests being processed by the engines"},
     {"name": "Waiting", "type": "integer", "jsonPath": ".status.engine.requestsWaiting",

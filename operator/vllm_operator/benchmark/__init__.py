@@ -24,7 +24,7 @@ from vllm_operator.api import BenchmarkRequest, BenchmarkResults, LLMDeploymentS
 from vllm_operator.reconcile.drift import controller_uid
 from vllm_operator.render.engine_args import CACHE_MOUNT, HF_HOME, MODEL_MOUNT, engine_image, model_argument, \
     served_model_name
-from vllm_operator.render.manifests import Manifest, Owner, _container_security, common_labels
+from vllm_operator.render.manifests import Manifest, Owner, common_labels, run_once_job
 from vllm_operator.render.profiles import profile_for
 
 ID_ANNOTATION = f"{api.GROUP}/benchmark-id"
@@ -170,8 +170,6 @@ def _env(spec: LLMDeploymentSpec) -> list[dict[str, Any]]:
 
 def job(spec: LLMDeploymentSpec, owner: Owner, request: BenchmarkRequest) -> Manifest:
     """The Job that runs ``request`` against the LLMDeployment of ``spec``."""
-    labels = common_labels(owner.name, COMPONENT)
-    annotations = {ID_ANNOTATION: request.id}
     volumes, mounts = _volumes(spec, owner)
     container = {
         "name": "benchmark",
@@ -183,39 +181,20 @@ def job(spec: LLMDeploymentSpec, owner: Owner, request: BenchmarkRequest) -> Man
         "volumeMounts": mounts,
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
         "terminationMessagePath": MESSAGE_PATH,
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": _container_security(()),
     }
-    pod_spec: dict[str, Any] = {
-        "containers": [container],
-        "volumes": volumes,
-        "restartPolicy": "Never",
-        "enableServiceLinks": False,
-        "automountServiceAccountToken": False,
-        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
-    }
+    pod: dict[str, Any] = {"volumes": volumes}
     if _colocated(spec):
         engines = {"matchLabels": common_labels(owner.name, "engine")}
-        pod_spec["affinity"] = {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        pod["affinity"] = {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
             {"labelSelector": engines, "topologyKey": "kubernetes.io/hostname"}]}}
         tolerations = [dict(t) for t in profile_for(spec.accelerator.type).tolerations] + [
             t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
         if tolerations:
-            pod_spec["tolerations"] = tolerations
-    if spec.image_pull_secrets:
-        pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": job_name(owner.name, request.id), "namespace": owner.namespace, "labels": labels,
-                     "annotations": annotations, "ownerReferences": [owner.reference]},
-        "spec": {
-            # A failed benchmark is reported, not repeated against a model that may be struggling.
-            "backoffLimit": 0,
-            "activeDeadlineSeconds": DEADLINE_SECONDS,
-            "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec},
-        },
-    }
+            pod["tolerations"] = tolerations
+    # A failed benchmark is reported, not repeated against a model that may be struggling.
+    return run_once_job(spec, owner, job_name(owner.name, request.id), COMPONENT, container, pod,
+                        {"backoffLimit": 0, "activeDeadlineSeconds": DEADLINE_SECONDS},
+                        annotations={ID_ANNOTATION: request.id})
 
 
 def results(report: Mapping[str, Any]) -> BenchmarkResults:

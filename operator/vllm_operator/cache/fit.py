@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from vllm_operator.api import GROUP, LLMDeploymentSpec
+from vllm_operator.api import GROUP, CapacityStatus, LLMDeploymentSpec, hub_offline, parse_model_source
 from vllm_operator.render.engine_args import tensor_parallel_size
 from vllm_operator.render.profiles import CPU_KV_CACHE_SPACE_GIB_DEFAULT
 
@@ -631,3 +631,26 @@ def check_fit(checkpoint: Checkpoint, deployment: Deployment,
     missing = [d.name for d, v in zip(devices, verdicts) if isinstance(v, DoesNotFit)]
     return Unknown(f"{checkpoint.name} fits {', '.join(fitting)} but not {', '.join(missing)}; set "
                    "accelerator.product or label the nodes with their GPU memory to decide")
+
+
+def fit_checked_repo(spec: LLMDeploymentSpec, annotations: Mapping[str, str]) -> str | None:
+    """The Hugging Face repo whose fit to check, or None: a model from a claim or a file, an LLMDeployment that
+    asks to skip the check, or engines told to stay off the hub (HF_HUB_OFFLINE), whose cache was filled otherwise."""
+    if fit_check_skipped(annotations):
+        return None
+    kind, _, repo = parse_model_source(spec.model.name)
+    return repo if kind == "hf" and not hub_offline(spec) else None
+
+
+def capacity_status(verdict: Verdict | None) -> dict[str, Any] | None:
+    """status.capacity for a verdict that lets the LLMDeployment go ahead."""
+    if isinstance(verdict, Fits):
+        capacity = verdict.capacity
+        status = CapacityStatus(fit="Fits", message=verdict.message, device=capacity.device,
+                                max_model_len=capacity.max_model_len, kv_cache_tokens=capacity.kv_cache_tokens,
+                                max_concurrent_sequences=capacity.max_concurrent_sequences)
+    elif isinstance(verdict, Unknown):
+        status = CapacityStatus(fit="Unknown", message=verdict.message)
+    else:
+        return None
+    return status.model_dump(by_alias=True, exclude_none=True)

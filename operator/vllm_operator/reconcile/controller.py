@@ -19,8 +19,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from vllm_operator import api, benchmark, observability
-from vllm_operator.api import LLMDeploymentSpec
+from vllm_operator.api import LLMDeploymentSpec, pulls_model
 from vllm_operator.autoscale.decide import Autoscaler, Decision, LoadSample
+from vllm_operator.cache.fit import Deployment, DoesNotFit, Unknown, Verdict, capacity_status, check_fit, fit_checked_repo
+from vllm_operator.cache.download import Download, download, finished, job_owner, made_by_operator, progress_url
+from vllm_operator.cache.hub import HubMetadata, Unjudged
+from vllm_operator.cache.progress import ProgressReader
 from vllm_operator.engines.metrics import EngineStats
 from vllm_operator.kube import Kube, KubeError
 from vllm_operator.reconcile.drift import controller_uid, matches, owned, stamped
@@ -29,6 +33,8 @@ from vllm_operator.reconcile.status import Observation, compute_status, status_e
 from vllm_operator.reconcile.writes import Change, WriteBudget, classify, figures_moved
 from vllm_operator.render.engine_args import ENGINE_PORT, served_model_name
 from vllm_operator.render.manifests import SELECTOR_LABEL, ChildKey, Manifest, Owner, children, common_labels, endpoint
+from vllm_operator.render.puller import COMPONENT as PULLER_COMPONENT
+from vllm_operator.render.puller import PullerSettings, job_name, pull_job
 
 log = logging.getLogger("vllm_operator.reconcile.controller")
 
@@ -91,12 +97,19 @@ class EngineView:
 # figure-only writes share this many a second (reconcile/writes.py says why).
 STATUS_MIN_INTERVAL_SECONDS = 30.0
 STATUS_WRITES_PER_SECOND = 100.0
+# How often a download's progress is read (the scrape interval of the engines).
+PROGRESS_INTERVAL_SECONDS = 15.0
 
 
 class Controller:
     def __init__(self, kube: Kube, status_min_interval: float = STATUS_MIN_INTERVAL_SECONDS,
-                 status_writes_per_second: float = STATUS_WRITES_PER_SECOND) -> None:
+                 status_writes_per_second: float = STATUS_WRITES_PER_SECOND, hub: HubMetadata | None = None,
+                 puller: PullerSettings | None = None, progress_interval: float = PROGRESS_INTERVAL_SECONDS) -> None:
         self.kube = kube
+        self.hub = hub if hub is not None else HubMetadata()
+        self.puller = puller if puller is not None else PullerSettings()
+        self.progress = ProgressReader()
+        self.progress_interval = progress_interval
         self.queue = WorkQueue()
         self.status_min_interval = status_min_interval
         self.budget = WriteBudget(status_writes_per_second)
@@ -239,9 +252,22 @@ class Controller:
             # The count this operator saw first is the autoscaler's: a later change by anyone else is overruled,
             # even one made before the first scrape.
             self._replicas_known.setdefault(key, spec.replicas)
+        verdict = await self._fit(body, spec)
+        if isinstance(verdict, DoesNotFit):
+            # Before any child: a Pod would only download the weights to fail on them.
+            await self._write_status(key, body, Observation(
+                owner.name, owner.namespace, meta.get("generation", 0), spec.replicas, does_not_fit=verdict.message))
+            return True
         if await self._apply_decision(key, body, spec):
             return True  # the new generation brings the next reconcile
-        synced = await self._sync_children(key, body, spec, owner)
+        pulled = await self._download(key, body, spec, owner) if pulls_model(spec) else None
+        # Until the model is in the cache, the engine Deployment is neither created nor changed: engines that
+        # serve an earlier model keep serving it meanwhile.
+        synced = await self._sync_children(key, body, spec, owner, hold_engines=pulled is not None and not pulled.ready)
+        if pulled is not None and not pulled.ready and pulled.failure is None and pulled.conflict is None:
+            self.queue.add_after(key, self.progress_interval)  # the progress of a download sends no watch event
+        if pulled is not None and pulled.ready:
+            await self._drop_finished_downloads(key, owner, keep=pulled.status["job"])
         view = self.engines.get(key, EngineView())
         observation = Observation(
             name=owner.name,
@@ -256,21 +282,25 @@ class Controller:
             engine=view.stats,
             unhealthy=view.unhealthy,
             apply_errors=tuple(self.apply_errors.get(key, ())),
-            conflicts=tuple(self.conflicts.get(key, ())),
+            conflicts=tuple(self.conflicts.get(key, ())) + ((pulled.conflict,) if pulled and pulled.conflict else ()),
             autoscaler_conflict=self.autoscaler_conflicts.get(key),
             autoscaling=self._autoscaling_status(key, spec),
+            capacity=capacity_status(verdict),
+            cache=pulled.status if pulled is not None else None,
+            download_failed=pulled.failure if pulled is not None else None,
         )
         observation, bench = await self._benchmark(key, body, spec, owner, observation)
         await self._write_status(key, body, observation)
         await self._after_benchmark(key, body, owner, bench)
-        return synced
+        return synced and (pulled is None or pulled.conflict is None)
 
     async def _benchmark(self, key: Key, body: Mapping[str, Any], spec: LLMDeploymentSpec, owner: Owner,
                          observation: Observation) -> tuple[Observation, benchmark.Plan | None]:
         """Start, follow and record the serving benchmark the annotation asks for (benchmark/ decides)."""
         written = self._statuses.get(key) or body.get("status") or {}
         parsed = benchmark.parse_request(body["metadata"].get("annotations"))
-        jobs = [child for (kind, _), child in self.children.get(key, {}).items() if kind == "Job"]
+        jobs = [child for (kind, _), child in self.children.get(key, {}).items() if kind == "Job"
+                and (child["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == benchmark.COMPONENT]
         previous = written.get("benchmark")
         if parsed is None and not jobs and (previous or {}).get("phase") != "Running":
             return replace(observation, benchmark=previous), None
@@ -312,6 +342,14 @@ class Controller:
         for type_, reason, message in plan.events:
             self._event(body, type_, reason, message)
 
+    async def _fit(self, body: Mapping[str, Any], spec: LLMDeploymentSpec) -> Verdict | None:
+        """The fit check of a Hugging Face model, from what the hub says of it; None when not checked."""
+        repo = fit_checked_repo(spec, body["metadata"].get("annotations") or {})
+        if repo is None:
+            return None
+        answer = await self.hub.checkpoint(repo, spec.model.revision)
+        return Unknown(answer.message) if isinstance(answer, Unjudged) else check_fit(answer, Deployment.from_spec(spec))
+
     def _spec(self, key: Key, body: Mapping[str, Any]) -> LLMDeploymentSpec:
         """The parsed spec. Kept per generation only when autoscaling is on (every scrape then asks for
         it): a parsed spec is kilobytes, and a thousand of them would be most of the operator's memory."""
@@ -328,8 +366,12 @@ class Controller:
 
     async def _apply_decision(self, key: Key, body: Mapping[str, Any], spec: LLMDeploymentSpec) -> bool:
         """Write the autoscaler's replicas through the scale subresource; True when it wrote."""
-        decision = self.decisions.get(key)
-        if spec.autoscaling is None or decision is None or decision.desired == spec.replicas:
+        decision = self._decision_now(key, spec)
+        if spec.autoscaling is None or decision is None:
+            return False
+        if decision.desired == spec.replicas:
+            # The autoscaler agrees with the count, whoever set it: a wake-up from zero is not overruled later.
+            self._replicas_known[key] = spec.replicas
             return False
         self.autoscaler_conflicts.pop(key, None)
         if conflict := await self._other_autoscaler(key):
@@ -349,6 +391,17 @@ class Controller:
         else:
             self._event(body, "Normal", "Scaled", f"{spec.replicas} -> {decision.desired} replicas: {decision.reason}")
         return True
+
+    def _decision_now(self, key: Key, spec: LLMDeploymentSpec) -> Decision | None:
+        """The last scrape's decision, or, when spec.replicas changed since (kubectl scale, a wake-up from zero),
+        one decided for the count as it is now: a decision to keep the old count must not undo the change."""
+        decision, scaler = self.decisions.get(key), self.autoscalers.get(key)
+        if decision is None or scaler is None or decision.current == spec.replicas:
+            return decision
+        if decision.current == 0:
+            scaler.wake()
+        decision = self.decisions[key] = scaler.decide(spec.replicas, self._existing(key), time.monotonic())
+        return decision
 
     async def _other_autoscaler(self, key: Key) -> str | None:
         """An HPA (KEDA makes one too) that scales this LLMDeployment as well, worded for the status."""
@@ -400,12 +453,15 @@ class Controller:
         scaler.observe(LoadSample(now, 0, 0, 0.0, 0.0, 0) if stats is None else LoadSample(
             now, stats.requests_running, stats.requests_waiting, stats.kv_cache_usage_percent,
             stats.generation_tokens_per_second, stats.scraped_replicas))
-        existing = sum(1 for pod in self.engine_pods(key).values() if not pod["metadata"].get("deletionTimestamp"))
-        decision = scaler.decide(spec.replicas, existing, now)
+        decision = scaler.decide(spec.replicas, self._existing(key), now)
         previous = self.decisions.get(key)
         self.decisions[key] = decision
         if decision.desired != spec.replicas or previous is None or previous.desired != decision.desired:
             self.queue.add(key)
+
+    def _existing(self, key: Key) -> int:
+        """Engine replicas that exist, ready or still loading, and are not going away."""
+        return sum(1 for pod in self.engine_pods(key).values() if not pod["metadata"].get("deletionTimestamp"))
 
     def _deployment(self, key: Key) -> dict[str, Any] | None:
         """The engine Deployment, when it is this LLMDeployment's."""
@@ -425,12 +481,14 @@ class Controller:
         sets = {rs for rs, controller in self.replica_sets.get(key, {}).items() if controller == uid}
         return {name: pod for name, pod in pods.items() if controller_uid(pod) in sets}
 
-    async def _sync_children(self, key: Key, body: Mapping[str, Any], spec: LLMDeploymentSpec, owner: Owner) -> bool:
+    async def _sync_children(self, key: Key, body: Mapping[str, Any], spec: LLMDeploymentSpec, owner: Owner,
+                             hold_engines: bool = False) -> bool:
         # Children are independent of each other: one round trip for all of them, not one each.
         live = self.children.get(key, {})
         outcomes = await asyncio.gather(*(
             self._sync_child(key, owner, child, manifest, live.get(child))
             for child, manifest in children(spec, owner).items()
+            if not (hold_engines and child == ("Deployment", owner.name))
         ))
         for store, found in ((self.apply_errors, [o.error for o in outcomes if o.error]),
                              (self.conflicts, [o.conflict for o in outcomes if o.conflict])):
@@ -487,6 +545,49 @@ class Controller:
         verb = "created" if current is None else "updated"
         log.info(f"{kind} {verb}", extra={"namespace": owner.namespace, "llmdeployment": owner.name})
         return ChildOutcome(child, change=verb)
+
+    async def _download(self, key: Key, body: Mapping[str, Any], spec: LLMDeploymentSpec, owner: Owner) -> Download:
+        """Run, follow or share the Job that downloads the model into the cache claim (render/puller.py)."""
+        name = job_name(spec, owner.name)
+        written = (self._statuses.get(key) or body.get("status") or {}).get("cache")
+        if written is not None and written.get("job") == name and written.get("phase") == "Ready":
+            return Download(dict(written), ready=True)  # nothing to read again: the weights stay in the claim
+        job = self.children.get(key, {}).get(("Job", name))
+        if job is None:
+            # Not ours, or not seen yet: another LLMDeployment on the same claim may have made it.
+            job = await self._read("Job", owner.namespace, name)
+        if job is None:
+            try:
+                job = await self.kube.create(pull_job(spec, owner, self.puller))
+                observability.record_write("create", "Job")
+                self._event(body, "Normal", "Downloading", f"created Job {name} to download {spec.model.name} into "
+                            "the cache claim")
+            except KubeError as exc:
+                if exc.status != 409:  # 409: made meanwhile by us or an LLMDeployment on the same claim
+                    raise
+                job = await self.kube.get("Job", owner.namespace, name)
+        if not made_by_operator(job):
+            # Someone else's Job of that name: never read as a download, nor written.
+            conflict = conflict_message("Job", name, job, owner)
+            return Download(api.CacheStatus(phase="Pending", job=name, message=conflict).model_dump(
+                by_alias=True, exclude_none=True), conflict=conflict)
+        if controller_uid(job) == owner.uid and self._current(key, owner):
+            self.children.setdefault(key, {})[("Job", name)] = slim(job)
+        pods = list(self.pods.get((owner.namespace, job_owner(job) or owner.name), {}).values())
+        url = progress_url(job, pods)
+        progress = await self.progress.read(url) if url is not None else None
+        return download(job, pods, progress, written, owner.name)
+
+    async def _drop_finished_downloads(self, key: Key, owner: Owner, keep: str) -> None:
+        """Once the engines' model is in the cache, this LLMDeployment's Jobs of earlier downloads (of another model,
+        revision or patterns) go; their bytes stay in the claim."""
+        for (kind, name), job in list(self.children.get(key, {}).items()):
+            labels = job["metadata"].get("labels") or {}
+            if (kind == "Job" and name != keep and labels.get("app.kubernetes.io/component") == PULLER_COMPONENT
+                    and controller_uid(job) == owner.uid and finished(job) is not None):
+                await self.kube.delete("Job", owner.namespace, name)
+                observability.record_write("delete", "Job")
+                self.children[key].pop((kind, name), None)
 
     async def _read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:

@@ -15,9 +15,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from kubernetes.utils import parse_quantity
-
 from vllm_operator import api
+from vllm_operator.kubeconfig import parse_quantity
 
 APPLIED_HASH = f"{api.GROUP}/applied-hash"
 

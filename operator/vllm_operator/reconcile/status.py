@@ -55,6 +55,13 @@ class Observation:
     autoscaler_conflict: str | None = None
     # status.benchmark: the latest benchmark request and its result (benchmark/__init__.py).
     benchmark: Mapping[str, Any] | None = None
+    # The fit check: why the model cannot fit (nothing is created then), or status.capacity when it can.
+    does_not_fit: str | None = None
+    capacity: Mapping[str, Any] | None = None
+    # status.cache while a download Job fills the cache claim (cache/download.py), and the reason and message
+    # of a download that failed for good.
+    cache: Mapping[str, Any] | None = None
+    download_failed: tuple[str, str] | None = None
 
 
 def _is_ready(pod: Mapping[str, Any]) -> bool:
@@ -160,11 +167,18 @@ def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> d
     status: dict[str, Any] = {"observedGeneration": obs.generation}
     if obs.benchmark is not None:
         status["benchmark"] = dict(obs.benchmark)
-    if obs.spec_error is not None:
+    if obs.capacity is not None:
+        status["capacity"] = dict(obs.capacity)
+    if obs.cache is not None:
+        status["cache"] = dict(obs.cache)
+    refused = ("InvalidSpec", obs.spec_error) if obs.spec_error is not None else (
+        ("DoesNotFit", obs.does_not_fit) if obs.does_not_fit is not None else obs.download_failed)
+    if refused is not None:
+        reason, message = refused
         status.update(phase="Failed", conditions=[
-            cond("Ready", False, "InvalidSpec", obs.spec_error),
-            cond("Progressing", False, "InvalidSpec", "fix the spec to continue"),
-            cond("Degraded", True, "InvalidSpec", obs.spec_error),
+            cond("Ready", False, reason, message),
+            cond("Progressing", False, reason, "fix the spec to continue"),
+            cond("Degraded", True, reason, message),
         ])
         return status
 
@@ -180,6 +194,7 @@ def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> d
     problems = children + [problem for p in pods for problem in pod_problems(p)]
     problems += [Problem(pod, "EngineUnhealthy", f"pod {pod}: {why}") for pod, why in sorted(obs.unhealthy.items())]
     rolling = _rollout_in_progress(obs)
+    downloading = obs.cache is not None and obs.cache.get("phase") in ("Pending", "Downloading")
 
     if obs.desired_replicas == 0 and obs.autoscaling is not None:
         phase, ready_reason = "Idle", "ScaledToZero"
@@ -187,6 +202,9 @@ def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> d
                          "a spec edit wakes it")
     elif obs.desired_replicas == 0:
         phase, ready_reason, ready_message = "Pending", "ScaledToZero", "spec.replicas is 0"
+    elif downloading and ready == 0 and not problems:
+        phase, ready_reason = "Downloading", "Downloading"
+        ready_message = f"{obs.cache.get('message')}; the engines start once the model is in the cache"
     elif ready >= obs.desired_replicas and not problems:
         phase, ready_reason, ready_message = "Ready", "EngineReady", f"{ready}/{obs.desired_replicas} replicas ready"
     elif ready > 0 or (problems and not any(p.blocking for p in problems)):
@@ -210,6 +228,8 @@ def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> d
 
     conditions = [
         cond("Ready", phase == "Ready", ready_reason, ready_message),
+        cond("Progressing", True, "Downloading", "the engine Deployment follows the download")
+        if phase == "Downloading" else
         cond("Progressing", rolling, "RollingOut" if rolling else "RolloutComplete",
              "the engine Deployment is rolling out" if rolling else "the engine Deployment is up to date"),
         cond("Degraded", bool(problems), problems[0].reason if problems else "AsExpected",

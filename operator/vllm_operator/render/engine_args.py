@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from vllm_operator.api import KeyRef, LLMDeploymentSpec, parse_model_source
+from vllm_operator.api import KeyRef, LLMDeploymentSpec, parse_model_source, pulls_model
 from vllm_operator.render.profiles import CPU_KV_CACHE_SPACE_GIB_DEFAULT, AcceleratorProfile, profile_for
 
 ENGINE_PORT = 8000
@@ -156,7 +156,9 @@ def engine_env(spec: LLMDeploymentSpec) -> list[dict]:
     put("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(ENGINE_KEEP_ALIVE_SECONDS))
     put("VLLM_NO_USAGE_STATS", "1")
     put("DO_NOT_TRACK", "1")
-    if parse_model_source(spec.model.name)[0] != "hf":
+    pulled = pulls_model(spec)
+    if parse_model_source(spec.model.name)[0] != "hf" or pulled:
+        # A download Job filled the cache before the engines started: no replica downloads again.
         put("HF_HUB_OFFLINE", "1")
     for key, value in profile.env.items():
         put(key, value)
@@ -165,7 +167,7 @@ def engine_env(spec: LLMDeploymentSpec) -> list[dict]:
             put(key, value)
     elif spec.accelerator.type == "cpu":
         put("VLLM_CPU_KVCACHE_SPACE", str(spec.engine.cpu_kv_cache_space_gi_b or CPU_KV_CACHE_SPACE_GIB_DEFAULT))
-    if spec.model.hf_token_secret_ref is not None:
+    if spec.model.hf_token_secret_ref is not None and not pulled:  # else the download Job's alone
         env["HF_TOKEN"] = _secret_env("HF_TOKEN", spec.model.hf_token_secret_ref)
     if spec.api_key_secret_ref is not None:
         env["VLLM_API_KEY"] = _secret_env("VLLM_API_KEY", spec.api_key_secret_ref)

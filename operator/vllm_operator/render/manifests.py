@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 from vllm_operator import api
@@ -159,6 +160,32 @@ def _container_security(capabilities: tuple[str, ...]) -> dict[str, Any]:
     return {"allowPrivilegeEscalation": False, "capabilities": caps}
 
 
+def run_once_job(spec: LLMDeploymentSpec, owner: Owner, name: str, component: str, container: Manifest,
+                 pod: Manifest, job: Manifest, annotations: Mapping[str, str] | None = None) -> Manifest:
+    """A Job of the LLMDeployment's that runs one container once (a download, a benchmark): owned by it,
+    labelled as its children are, restricted, without service links or an API token. ``pod`` and ``job`` add
+    to the Pod and Job specs; the container reports through its termination message."""
+    labels = common_labels(owner.name, component)
+    pod_spec: dict[str, Any] = {
+        "containers": [{**container, "terminationMessagePolicy": "FallbackToLogsOnError",
+                        "securityContext": _container_security(())}],
+        "restartPolicy": "Never",
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        **pod,
+    }
+    if spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
+    metadata: dict[str, Any] = {"name": name, "namespace": owner.namespace, "labels": labels,
+                                "ownerReferences": [owner.reference]}
+    template: dict[str, Any] = {"labels": labels}
+    if annotations:
+        metadata["annotations"] = template["annotations"] = dict(annotations)
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata,
+            "spec": {**job, "template": {"metadata": template, "spec": pod_spec}}}
+
+
 def _node_selector(spec: LLMDeploymentSpec) -> dict[str, str]:
     profile = profile_for(spec.accelerator.type)
     selector = dict(profile.node_selector)
@@ -166,6 +193,13 @@ def _node_selector(spec: LLMDeploymentSpec) -> dict[str, str]:
         selector[profile.product_label] = spec.accelerator.product
     selector.update(spec.node_selector)
     return selector
+
+
+def tolerations(spec: LLMDeploymentSpec) -> list[dict[str, Any]]:
+    """The accelerator profile's tolerations, then the spec's."""
+    return [dict(t) for t in profile_for(spec.accelerator.type).tolerations] + [
+        t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations
+    ]
 
 
 def deployment(spec: LLMDeploymentSpec, owner: Owner) -> Manifest:
@@ -182,11 +216,8 @@ def deployment(spec: LLMDeploymentSpec, owner: Owner) -> Manifest:
     }
     if node_selector := _node_selector(spec):
         pod_spec["nodeSelector"] = node_selector
-    tolerations = [dict(t) for t in profile.tolerations] + [
-        t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations
-    ]
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
+    if pod_tolerations := tolerations(spec):
+        pod_spec["tolerations"] = pod_tolerations
     if spec.affinity:
         pod_spec["affinity"] = spec.affinity
     if spec.priority_class_name:

@@ -97,7 +97,10 @@ def catalog(version: str = VLLM_VERSION) -> FlagCatalog:
     return FlagCatalog(version, aliases, frozenset(takes_value))
 
 
-_VALUE_TOKEN = re.compile(r"^(-\d|-\.\d|[^-])")
+# A token that is a value, not a flag: it starts with a digit after '-' (a negative number) or with no '-' at all.
+# ASCII digits and no backslash, so that the CRD's CEL twin (RE2, in a CEL string) reads it the same way.
+VALUE_TOKEN_PATTERN = "^(-[0-9]|-[.][0-9]|[^-])"
+_VALUE_TOKEN = re.compile(VALUE_TOKEN_PATTERN)
 
 
 def _flags_of(args: Sequence[str]) -> Iterable[str]:
