@@ -190,21 +190,21 @@ def test_more_gpus_than_a_node_has_is_reported_unschedulable(
     assert any(e.reason == "Unschedulable" and e.type == "Warning" for e in events)
 
 
-def test_spec_the_apiserver_accepts_but_vllm_would_not_is_reported(
+def test_a_flag_vllm_does_not_know_is_refused_at_admission_and_a_known_one_serves(
     operator: OperatorProcess, cluster: Cluster, namespace: str
 ) -> None:
     manifest = small(llmd.example("cpu-qwen"))
     manifest["spec"]["engine"]["extraArgs"] = ["--no-such-flag"]
-    llmd.create(cluster.api_client, namespace, manifest)
-    failed = llmd.wait_phase(cluster.api_client, namespace, "qwen-cpu", "Failed", 30)
-    ready = llmd.condition(failed, "Ready")
-    assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
-    assert "--no-such-flag" in ready["message"] and "spec.engine" in ready["message"]
+    with pytest.raises(ApiException) as refused:
+        llmd.create(cluster.api_client, namespace, manifest)
+    assert refused.value.status == 422 and "--no-such-flag" in refused.value.body, refused.value.body
+    assert "spec.engine.extraArgs" in refused.value.body
     assert read_or_none(apps(cluster).read_namespaced_deployment, "qwen-cpu", namespace) is None
-    assert operator.process is not None and operator.process.poll() is None
 
-    llmd.patch_spec(cluster.api_client, namespace, "qwen-cpu", {"engine": {"extraArgs": ["--enable-auto-tool-choice"]}})
+    manifest["spec"]["engine"]["extraArgs"] = ["--enable-auto-tool-choice"]
+    llmd.create(cluster.api_client, namespace, manifest)
     llmd.wait_phase(cluster.api_client, namespace, "qwen-cpu", "Ready", 90)
+    assert operator.process is not None and operator.process.poll() is None
 
 
 def test_a_namespace_being_deleted_is_left_to_go(operator: OperatorProcess, cluster: Cluster, namespace: str) -> None:
