@@ -563,6 +563,12 @@ class Controller:
                 self._event(body, "Normal", "Downloading", f"created Job {name} to download {spec.model.name} into "
                             "the cache claim")
             except KubeError as exc:
+                if exc.status in (400, 422):
+                    # The apiserver refuses what the spec renders (a node selector value that is no label value):
+                    # only a spec edit helps, so it is a failure in the status, not a retry.
+                    message = f"the apiserver refused the download Job {name}: {exc}"
+                    return Download(api.CacheStatus(phase="Failed", job=name, message=message).model_dump(
+                        by_alias=True, exclude_none=True), failure=("JobRefused", message))
                 if exc.status != 409:  # 409: made meanwhile by us or an LLMDeployment on the same claim
                     raise
                 job = await self.kube.get("Job", owner.namespace, name)
