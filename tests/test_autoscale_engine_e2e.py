@@ -69,7 +69,7 @@ def test_chat_load_adds_an_engine_and_idleness_removes_it(
         wait_for("the autoscaler to ask for 2 replicas", lambda: (
             (obj := llmd.get(cluster.api_client, namespace, NAME)) and obj["spec"].get("replicas", 1) == 2), 120, 2)
         both = wait_for("a second engine Ready under load", lambda: (
-            len(ips := ready_ips(cluster, namespace)) == 2 and ips), 600, 2)
+            len(ips := ready_ips(cluster, namespace)) == 2 and ips), 900, 2)  # it starts on cores the load keeps busy
     finally:
         stop.set()
         loader.join(60)
