@@ -281,7 +281,9 @@ class Kube:
         self, method: str, path: str, body: Any = None, params: Mapping[str, str] | None = None,
         content_type: str = "application/json",
     ) -> dict[str, Any]:
-        data = None if body is None else json.dumps(body)
+        # Characters as UTF-8, not \u escapes: server-side apply reads the body as YAML, whose parser refuses the
+        # surrogate-pair escapes JSON uses for characters beyond the BMP (an emoji in an env value; the fuzzer's find).
+        data = None if body is None else json.dumps(body, ensure_ascii=False).encode()
         attempts, reloaded = 0, False
         while True:
             credentials = self._credentials
