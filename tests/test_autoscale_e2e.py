@@ -69,6 +69,16 @@ def test_a_queue_building_up_adds_replicas(operator: OperatorProcess, cluster: C
     assert any(e.reason == "Scaled" for e in events)
 
 
+def test_a_count_outside_the_bounds_moves_to_them_before_any_engine_exists(
+        operator: OperatorProcess, cluster: Cluster, namespace: str) -> None:
+    # Created at zero: no engine ever reports, and the autoscaler decides on the bounds alone.
+    manifest = autoscaled(minReplicas=1, maxReplicas=2, targets=[{"metric": "waitingRequests", "value": 10}])
+    manifest["spec"]["replicas"] = 0
+    llmd.create(cluster.api_client, namespace, manifest)
+    wait_for("minReplicas 1", lambda: replicas(cluster, namespace) == 1, 30)
+    llmd.wait_phase(cluster.api_client, namespace, NAME, "Ready", 90)
+
+
 def test_kubectl_scale_is_overruled_with_an_event(operator: OperatorProcess, cluster: Cluster, namespace: str) -> None:
     # On the queue only: a new simulated engine reports requests running until the test sets its load.
     llmd.create(cluster.api_client, namespace, autoscaled(

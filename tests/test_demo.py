@@ -13,6 +13,7 @@ import pytest
 
 from devcluster import monitoring
 from devcluster.cluster import REPO_ROOT, Ports, process_running
+from devcluster.pytest_plugin import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.engine]
 
@@ -42,8 +43,11 @@ def assert_prometheus_scrapes_the_demo(stdout: str) -> None:
     labels = running["metric"]
     assert labels["namespace"] == "default" and labels["pod"].startswith("tiny-"), labels
     assert labels["job"] == "vllm-operator-system/vllm-operator-engines" and labels["model_name"] == "tiny"
-    [phase] = monitoring.query(url[1], 'vllm_operator_llmdeployment_phase{llmdeployment="tiny"}')
-    assert phase["metric"]["namespace"] == "default" and phase["metric"]["phase"] == "Ready"
+    # The operator's phase series follows the status; Prometheus sees the change on its next scrape.
+    [phase] = wait_for("Prometheus to scrape the Ready phase", lambda: [
+        series for series in monitoring.query(url[1], 'vllm_operator_llmdeployment_phase{llmdeployment="tiny"}')
+        if series["metric"]["phase"] == "Ready"], 90, 2)
+    assert phase["metric"]["namespace"] == "default"
     [leader] = monitoring.query(url[1], "vllm_operator_leader")
     assert leader["metric"]["job"] == "vllm-operator-metrics" and leader["value"][1] == "1"
     rules = [r for group in monitoring.rules(url[1]) for r in group["rules"]]

@@ -138,7 +138,18 @@ def test_a_killed_engine_is_degraded_then_ready_again(cluster: Cluster, served: 
     message = llmd.condition(degraded, "Degraded")["message"]
     assert pod.metadata.name in message
 
-    ready = llmd.wait_phase(cluster.api_client, namespace, NAME, "Ready", 300)
+    # While the engine starts again, status.startup names the stage its log shows.
+    stages: set[str] = set()
+
+    def ready_again() -> dict[str, Any] | None:
+        obj = llmd.get(cluster.api_client, namespace, NAME) or {}
+        status = obj.get("status") or {}
+        stages.update(r["stage"] for r in (status.get("startup") or {}).get("replicas") or [])
+        return obj if status.get("phase") == "Ready" else None
+
+    ready = wait_for("Ready again", ready_again, 300, 0.5)
+    assert stages - {"Starting"}, f"no stage read from the engine's log: {stages}"
+    assert "startup" not in ready["status"]
     restarted = llmd.owned_pods(cluster.api_client, namespace, NAME)[0]
     assert restarted.status.container_statuses[0].restart_count >= 1
     assert llmd.condition(ready, "Degraded")["status"] == "False"

@@ -353,3 +353,23 @@ def test_the_same_event_three_times_is_one_event_counted_three_times(cluster: Cl
     assert counted == [("ApplyFailed", 3), ("Ready", 2)]
     failed = next(e for e in events if e.reason == "ApplyFailed")
     assert failed.last_timestamp >= failed.first_timestamp
+
+
+@pytest.mark.cluster
+def test_server_side_apply_keeps_characters_beyond_the_basic_plane(cluster: Cluster, namespace: str) -> None:
+    # An apply body is parsed as YAML, which refuses the \ud83e\udd99 surrogate pair JSON would escape the llama to.
+    text = "llama \U0001f999, naïve 模型"
+    manifest = {"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "unicode", "namespace": namespace, "annotations": {"note": text}},
+                "data": {"prompt": text}}
+
+    async def body() -> dict[str, Any]:
+        kube = Kube(Credentials.load(str(cluster.kubeconfig)))
+        try:
+            await kube.apply(manifest)
+            return await kube.get("ConfigMap", namespace, "unicode")
+        finally:
+            await kube.close()
+
+    stored = asyncio.run(body())
+    assert stored["data"]["prompt"] == text and stored["metadata"]["annotations"]["note"] == text

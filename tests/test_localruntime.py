@@ -407,6 +407,25 @@ def test_termination_messages_follow_each_containers_policy(cluster: Any, namesp
                         "own-path": "out of cheese"}
 
 
+def test_container_logs_reach_kubectl_logs_through_the_apiserver(cluster: Any, namespace: str) -> None:
+    core = client.CoreV1Api(cluster.api_client)
+    lines = "; ".join(f"echo line {i}" for i in range(1, 6))
+    core.create_namespaced_pod(namespace, {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "talker"},
+        "spec": {"nodeSelector": {"kubernetes.io/hostname": NODE}, "tolerations": [LOCAL_RUNTIME_TAINT],
+                 "restartPolicy": "Never",
+                 "containers": [{"name": "talk", "image": "busybox", "command": ["sh", "-c", lines]}]},
+    })
+    wait_for("the pod to finish", lambda: (p := read_pod(core, namespace, "talker"))
+             and p["status"].get("phase") == "Succeeded", 60)
+    assert core.read_namespaced_pod_log("talker", namespace, container="talk") == "".join(
+        f"line {i}\n" for i in range(1, 6))
+    assert core.read_namespaced_pod_log("talker", namespace, container="talk", tail_lines=2) == "line 4\nline 5\n"
+    assert core.read_namespaced_pod_log("talker", namespace, container="talk", tail_lines=2, limit_bytes=4) == "line"
+    with pytest.raises(client.ApiException):
+        core.read_namespaced_pod_log("talker", namespace, container="nobody")
+
+
 def bound_claim_folder(core: client.CoreV1Api, namespace: str, name: str, size: str) -> Path:
     core.create_namespaced_persistent_volume_claim(namespace, {
         "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},

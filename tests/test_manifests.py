@@ -9,7 +9,15 @@ import pytest
 import yaml
 
 from vllm_operator.api import LLMDeploymentSpec
-from vllm_operator.render.manifests import STARTUP_PROBE_BUDGET_SECONDS, Owner, children, deployment, endpoint
+from vllm_operator.render.manifests import (
+    STARTUP_PROBE_BUDGET_SECONDS,
+    Owner,
+    children,
+    deployment,
+    endpoint,
+    live_startup_budget,
+    startup_budget_seconds,
+)
 
 OWNER = Owner("llama", "ai", "uid-1")
 EXAMPLES = sorted(path for path in (Path(__file__).resolve().parents[1] / "examples").glob("*.yaml")
@@ -179,8 +187,38 @@ def test_a_chosen_service_account_gets_its_token() -> None:
 
 
 def test_a_rollout_is_not_stuck_while_the_engine_may_still_be_loading() -> None:
-    budget = STARTUP_PROBE_BUDGET_SECONDS
-    assert deployment(spec(), OWNER)["spec"]["progressDeadlineSeconds"] > budget
+    for budget in (STARTUP_PROBE_BUDGET_SECONDS, 3000):
+        assert deployment(spec(), OWNER, budget)["spec"]["progressDeadlineSeconds"] > budget
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize(("accelerator", "weights", "budget"), [
+    # 16 GB of Llama 3 8B on one H100: 15 min of compile and graphs + 16 GiB at 50 MiB/s (328 s) -> 1228 s -> 1230.
+    ({"type": "nvidia", "count": 1}, 16 * GIB, 1230),
+    # Llama 3 70B in bf16 over 8 Gaudi cards: 17.5 GiB each (358.4 s) + 45 min of HPU graph warm-up -> 3060 s.
+    ({"type": "gaudi", "count": 8}, int(17.5 * GIB), 3060),
+    # The tiny model on the CPU: 10 minutes of warm-up, and one more probe period for its megabyte.
+    ({"type": "cpu"}, 2**20, 610),
+    # 405B over 8 AMD GPUs, a byte count past any sense: the 4-hour ceiling.
+    ({"type": "amd", "count": 8}, 4096 * GIB, 4 * 3600),
+    # The size unknown: 40 minutes.
+    ({"type": "nvidia", "count": 1}, None, 2400),
+])
+def test_the_startup_budget_follows_the_weights_and_the_accelerator(
+        accelerator: dict[str, Any], weights: int | None, budget: int) -> None:
+    tp = {"engine": {"tensorParallelSize": accelerator["count"]}} if accelerator.get("count", 1) > 1 else {}
+    llmd = spec(accelerator=accelerator, **tp)
+    assert startup_budget_seconds(llmd, weights) == budget
+    probe = deployment(llmd, OWNER, budget)["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] == budget
+    assert live_startup_budget(deployment(llmd, OWNER, budget)) == budget
+
+
+def test_a_deployment_without_an_engine_probe_has_no_live_budget() -> None:
+    assert live_startup_budget(None) is None
+    assert live_startup_budget({"spec": {"template": {"spec": {"containers": [{"name": "other"}]}}}}) is None
 
 
 def test_credentials_may_come_from_secrets_and_shared_caches_allow_replicas() -> None:

@@ -54,6 +54,7 @@ SCHEDULER = Identity("system:kube-scheduler")
 # kwok and the agent play kubelets for many nodes and provision volumes: no bootstrap role fits.
 KWOK = Identity("vllm-operator:kwok", ("system:masters",))
 LOCALRUNTIME = Identity("vllm-operator:localruntime", ("system:masters",))
+APISERVER_KUBELET_CLIENT = Identity("kube-apiserver-kubelet-client")
 FRONT_PROXY_CLIENT = "front-proxy-client"
 
 Out = Callable[[str], None]
@@ -106,13 +107,18 @@ class Ports:
         return self.base + 59
 
     @property
+    def kubelet(self) -> int:
+        """The local runtime's log endpoint (a kubelet's 10250)."""
+        return self.base + 50
+
+    @property
     def simengines_admin(self) -> int:
         return self.base + 90
 
     def named(self) -> dict[str, int]:
         return {"etcd client": self.etcd_client, "etcd peer": self.etcd_peer, "kube-apiserver": self.apiserver,
                 "kube-controller-manager": self.controller_manager, "kube-scheduler": self.scheduler,
-                "simulated engines admin": self.simengines_admin}
+                "local runtime logs": self.kubelet, "simulated engines admin": self.simengines_admin}
 
 
 def check_ports_free(ports: Ports) -> None:
@@ -436,6 +442,8 @@ class LocalCluster:
             "kube-scheduler": ca.client("kube-scheduler", SCHEDULER),
             "kwok": ca.client("kwok", KWOK),
             "localruntime": ca.client("localruntime", LOCALRUNTIME),
+            "kubelet": ca.server("kubelet", LOCAL_NODE, ("127.0.0.1", LOCAL_NODE)),
+            "apiserver-kubelet-client": ca.client("apiserver-kubelet-client", APISERVER_KUBELET_CLIENT),
             "front-proxy-ca": front_proxy.pair,
             "front-proxy-client": front_proxy.client("client", Identity(FRONT_PROXY_CLIENT)),
         }
@@ -520,6 +528,11 @@ class LocalCluster:
             f"--etcd-keyfile={pki['apiserver-etcd-client'].key}",
             f"--tls-cert-file={pki['apiserver'].cert}", f"--tls-private-key-file={pki['apiserver'].key}",
             f"--client-ca-file={pki['ca'].cert}",
+            # Logs come from the node's InternalIP, as in clusters whose node names DNS does not resolve.
+            "--kubelet-preferred-address-types=InternalIP",
+            f"--kubelet-certificate-authority={pki['ca'].cert}",
+            f"--kubelet-client-certificate={pki['apiserver-kubelet-client'].cert}",
+            f"--kubelet-client-key={pki['apiserver-kubelet-client'].key}",
             "--authorization-mode=Node,RBAC",
             f"--service-account-issuer={ISSUER}",
             f"--service-account-key-file={pki['sa'].cert}",
@@ -590,7 +603,9 @@ class LocalCluster:
                     [sys.executable, "-m", "devcluster.localruntime",
                      f"--kubeconfig={configs / 'localruntime.kubeconfig'}",
                      f"--state-dir={self.state_dir / 'localruntime'}", f"--node={LOCAL_NODE}",
-                     f"--pod-subnet={local_pods}"],
+                     f"--pod-subnet={local_pods}", f"--kubelet-port={ports.kubelet}",
+                     f"--kubelet-cert={pki['kubelet'].cert}", f"--kubelet-key={pki['kubelet'].key}",
+                     f"--client-ca={pki['ca'].cert}"],
                     env=_hack_env())
                 waiting.append(("localruntime", agent, f"node {LOCAL_NODE} Ready",
                                 lambda: self._nodes_ready(api, [LOCAL_NODE]), 60))

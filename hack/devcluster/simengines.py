@@ -231,6 +231,8 @@ class Engines:
         await self.forget(ip)
 
     async def forget(self, ip: str) -> None:
+        # A later Pod may get the address: it starts with the default load, not this engine's.
+        self.gauges.pop(ip, None)
         runner = self.sites.pop(ip, None)
         if runner is not None:
             await runner.cleanup()

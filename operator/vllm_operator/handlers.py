@@ -21,10 +21,11 @@ from prometheus_client import REGISTRY, start_http_server
 from vllm_operator import api, kubeconfig, observability
 from vllm_operator.engines.export import EngineLoadCollector
 from vllm_operator.engines.monitor import EngineMonitor
+from vllm_operator.engines.startup import LOG_LIMIT_BYTES, LOG_TAIL_LINES
 from vllm_operator.kube import Credentials, Kube
 from vllm_operator.leader import LeaderElector
 from vllm_operator.reconcile.controller import Controller
-from vllm_operator.render.manifests import SELECTOR_LABEL
+from vllm_operator.render.manifests import ENGINE_CONTAINER, SELECTOR_LABEL
 from vllm_operator.render.puller import DEFAULT_IMAGE as DEFAULT_PULLER_IMAGE
 from vllm_operator.render.puller import PullerSettings
 
@@ -164,7 +165,10 @@ def _work_ended(task: asyncio.Task[None]) -> None:
 async def _work(controller: Controller) -> None:
     """Reconcile and scrape until cancelled: for the whole run, or for one term as leader."""
     # A monitor per term: rates from the previous term's samples would span the time in between.
-    monitor = EngineMonitor(controller, OPTIONS.scrape_interval, OPTIONS.scrape_timeout, OPTIONS.scrape_concurrency)
+    kube = controller.kube
+    monitor = EngineMonitor(controller, OPTIONS.scrape_interval, OPTIONS.scrape_timeout, OPTIONS.scrape_concurrency,
+                            logs=lambda namespace, pod: kube.pod_log(namespace, pod, ENGINE_CONTAINER,
+                                                                     LOG_TAIL_LINES, LOG_LIMIT_BYTES))
     controller.resync()
     observability.LEADER.set(1)
     try:

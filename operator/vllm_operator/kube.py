@@ -281,6 +281,20 @@ class Kube:
         self, method: str, path: str, body: Any = None, params: Mapping[str, str] | None = None,
         content_type: str = "application/json",
     ) -> dict[str, Any]:
+        return (await self._exchange(method, path, body, params, content_type)).result(method, path)
+
+    async def pod_log(self, namespace: str, pod: str, container: str, tail_lines: int, limit_bytes: int) -> str:
+        """The last lines of a container's log, as the kubelet keeps it."""
+        path = f"/api/v1/namespaces/{namespace}/pods/{pod}/log"
+        answer = await self._exchange("GET", path, None, {
+            "container": container, "tailLines": str(tail_lines), "limitBytes": str(limit_bytes)}, "application/json")
+        if answer.status >= 400:
+            answer.result("GET", path)  # raises the apiserver's refusal
+        return answer.text
+
+    async def _exchange(self, method: str, path: str, body: Any, params: Mapping[str, str] | None,
+                        content_type: str) -> _Answer:
+        """One request, retried where the apiserver asks for it; the last answer."""
         # Characters as UTF-8, not \u escapes: server-side apply reads the body as YAML, whose parser refuses the
         # surrogate-pair escapes JSON uses for characters beyond the BMP (an emoji in an env value; the fuzzer's find).
         data = None if body is None else json.dumps(body, ensure_ascii=False).encode()
@@ -300,7 +314,7 @@ class Kube:
                 continue
             delay = retry_delay(answer.status, answer.retry_after)
             if delay is None or attempts >= RETRY_ATTEMPTS:
-                return answer.result(method, path)
+                return answer
             await asyncio.sleep(delay)
 
     async def apply(self, manifest: Mapping[str, Any], subresource: str | None = None) -> dict[str, Any]:

@@ -109,6 +109,10 @@ does not exist yet. Reads are watches (kopf) and never need more than get/list/w
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
+# The log of an engine that is starting names its stage (status.startup): read only until it is Ready.
+- apiGroups: [""]
+  resources: [pods/log]
+  verbs: [get]
 # Serving benchmarks run as Jobs, deleted once their result is in the status; so do model downloads
 # (docs/cold-start.md), deleted once a later download replaced them.
 - apiGroups: [batch]

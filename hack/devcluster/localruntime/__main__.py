@@ -15,6 +15,7 @@ from typing import IO
 
 from devcluster.engine import engine_python
 from devcluster.localruntime.kube import api_client
+from devcluster.localruntime.kubelet import KubeletServer
 from devcluster.localruntime.log import event
 from devcluster.localruntime.node import NodeAgent
 from devcluster.localruntime.pods import DEFAULT_SUBNET, PodManager
@@ -78,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pod-subnet", default=DEFAULT_SUBNET, help="loopback /24 for pod IPs (default: %(default)s)")
     parser.add_argument("--engine-python", type=Path, default=engine_python(),
                         help="interpreter of the vLLM engine venv (default: %(default)s)")
+    parser.add_argument("--kubelet-port", type=int, default=0,
+                        help="serve container logs to the apiserver on this port (default: not at all)")
+    parser.add_argument("--kubelet-cert", type=Path, help="serving certificate of the log endpoint")
+    parser.add_argument("--kubelet-key", type=Path, help="its key")
+    parser.add_argument("--client-ca", type=Path, help="CA of the apiserver's client certificate")
     args = parser.parse_args(argv)
     state_dir: Path = args.state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     api = api_client(args.kubeconfig)
-    node = NodeAgent(api, args.node, state_dir, stop)
+    node = NodeAgent(api, args.node, state_dir, stop, args.kubelet_port)
     base_env = {key: os.environ[key] for key in PASSED_ENV if key in os.environ}
     base_env[MARKER] = str(state_dir)
     pods = PodManager(api, args.node, state_dir, args.engine_python, base_env, stop, args.pod_subnet)
@@ -102,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         for target in (node.run, provisioner.run_claims, provisioner.run_volumes, pods.run):
             threading.Thread(target=target, name=target.__qualname__, daemon=True).start()
+        if args.kubelet_port:
+            kubelet = KubeletServer(state_dir, args.kubelet_port, args.kubelet_cert, args.kubelet_key, args.client_ca)
+            threading.Thread(target=kubelet.run, args=(stop,), name="kubelet", daemon=True).start()
         event("agent.ready", node=args.node)
         # A timed wait keeps the main thread responsive to signals.
         while not stop.wait(1):

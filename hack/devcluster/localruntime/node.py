@@ -34,8 +34,10 @@ def _memory_kib() -> int:
 
 
 class NodeAgent:
-    def __init__(self, api: client.ApiClient, name: str, state_dir: Path, stop: threading.Event) -> None:
+    def __init__(self, api: client.ApiClient, name: str, state_dir: Path, stop: threading.Event,
+                 kubelet_port: int = 0) -> None:
         self.name = name
+        self.kubelet_port = kubelet_port
         self.state_dir = state_dir
         self.stop = stop
         self.core = client.CoreV1Api(api)
@@ -93,7 +95,7 @@ class NodeAgent:
             "allocatable": resources,
             "conditions": self._conditions(True, "KubeletReady", "local runtime agent is posting ready status"),
             "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": self.name}],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_port}},
             "nodeInfo": {
                 "machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": uname.release,
                 "osImage": platform.platform(), "containerRuntimeVersion": RUNTIME_VERSION,

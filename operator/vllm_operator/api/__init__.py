@@ -16,6 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from pydantic.alias_generators import to_camel
 
 from vllm_operator.engines.metrics import EngineStats
+from vllm_operator.engines.startup import StartupStage
 from vllm_operator.render.vllm_flags import (
     REMOVED_FLAGS,
     VALUE_TOKEN_PATTERN,
@@ -75,6 +76,53 @@ def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str
     if field_path:
         entry["fieldPath"] = field_path
     return entry
+
+
+# Label and annotation keys: an optional DNS-subdomain prefix (at most 253 characters) and '/', then a name of at most
+# 63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit. Label values: such a name, or empty.
+# No backslash in the patterns: the key pattern is also a CEL string.
+LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_KEY_PATTERN = rf"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?{LABEL_NAME}$"
+LABEL_VALUE_PATTERN = rf"^({LABEL_NAME})?$"
+MAX_KEY_PREFIX = 253
+MAX_ENTRIES = 64
+
+
+def _key_message(field: str) -> str:
+    return (f"{field} keys must be label keys: an optional DNS subdomain prefix (at most {MAX_KEY_PREFIX} characters) "
+            "and '/', then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit")
+
+
+def _check_keys(field: str) -> Any:
+    def check(values: dict[str, str]) -> dict[str, str]:
+        if len(values) > MAX_ENTRIES:
+            raise ValueError(f"{field} has {len(values)} entries; at most {MAX_ENTRIES} are allowed")
+        for key in values:
+            if not re.fullmatch(LABEL_KEY_PATTERN, key) or key.find("/") > MAX_KEY_PREFIX:
+                raise ValueError(f"{_key_message(field)}: {key!r}")
+        return values
+    return AfterValidator(check)
+
+
+def _keys_rule(field: str) -> dict[str, str]:
+    """The CEL twin of ``_check_keys``: JSON Schema's propertyNames is not allowed in a CRD."""
+    return cel(f"self.all(k, k.matches('{LABEL_KEY_PATTERN}') && "
+               f"(!k.contains('/') || k.indexOf('/') <= {MAX_KEY_PREFIX}))", _key_message(field))
+
+
+def label_map(field: str, description: str) -> Any:
+    """A map of Kubernetes labels (node selectors, Pod labels): keys and values as the apiserver takes them."""
+    value = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]
+    return Annotated[dict[str, value], _check_keys(field), Field(  # type: ignore[valid-type]
+        default_factory=dict, description=description,
+        json_schema_extra={"maxProperties": MAX_ENTRIES, "x-kubernetes-validations": [_keys_rule(field)]})]
+
+
+def annotation_map(field: str, description: str) -> Any:
+    """A map of annotations: keys as label keys, values free."""
+    return Annotated[dict[str, str], _check_keys(field), Field(
+        default_factory=dict, description=description,
+        json_schema_extra={"maxProperties": MAX_ENTRIES, "x-kubernetes-validations": [_keys_rule(field)]})]
 
 
 class ApiModel(BaseModel):
@@ -935,9 +983,8 @@ class LLMDeploymentSpec(ApiModel):
         default_factory=ResourceRequirements, description="CPU and memory of the engine container."
     )
     shm_size: Quantity = Field("8Gi", description="Size of the in-memory /dev/shm volume. Default: 8Gi.")
-    node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Extra node selector labels, merged with the accelerator profile's."
-    )
+    node_selector: label_map(  # type: ignore[valid-type]
+        "nodeSelector", "Extra node selector labels, merged with the accelerator profile's.")
     tolerations: list[Toleration] = Field(
         default_factory=list,
         description="Extra tolerations, added to the accelerator profile's.",
@@ -948,8 +995,9 @@ class LLMDeploymentSpec(ApiModel):
         description="Pod affinity rules, as in a Pod spec.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
-    pod_labels: dict[str, str] = Field(default_factory=dict, description="Extra labels of the engine Pods.")
-    pod_annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations of the engine Pods.")
+    pod_labels: label_map("podLabels", "Extra labels of the engine Pods.")  # type: ignore[valid-type]
+    pod_annotations: annotation_map(  # type: ignore[valid-type]
+        "podAnnotations", "Extra annotations of the engine Pods.")
     priority_class_name: str | None = Field(
         None, description="PriorityClass of the engine Pods.", min_length=1, max_length=253,
         pattern=DNS_SUBDOMAIN_PATTERN,
@@ -1160,6 +1208,27 @@ class BenchmarkStatus(ApiModel):
     report: str | None = Field(None, description="The ConfigMap holding the full report of the last finished run.")
 
 
+class ReplicaStartup(ApiModel):
+    """Where one starting engine replica is, from its log."""
+
+    pod: str = Field(description="The engine Pod.")
+    stage: StartupStage = Field(
+        description="Starting (the engine process is starting), LoadingWeights, Profiling (memory, and sizing the KV "
+        "cache), Compiling (torch.compile, warm-up), CapturingGraphs (CUDA/HIP graphs) or StartingServer (the API "
+        "server comes up; Ready follows)."
+    )
+    since: str = Field(description="When the operator first saw the replica in this stage (RFC 3339).")
+
+
+class StartupStatus(ApiModel):
+    """The replicas still starting; absent once all are Ready."""
+
+    replicas: list[ReplicaStartup] = Field(
+        description="Each starting replica's stage.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["pod"]},
+    )
+
+
 class LLMDeploymentStatus(ApiModel):
     """Observed state of an LLMDeployment, written by the operator."""
 
@@ -1190,6 +1259,9 @@ class LLMDeploymentStatus(ApiModel):
     )
     cache: CacheStatus | None = Field(
         None, description="The download of a Hugging Face model into the cache claim, before the engines start."
+    )
+    startup: StartupStatus | None = Field(
+        None, description="The stage each starting engine replica is in, read from its log, while any is starting."
     )
 
 

@@ -265,15 +265,24 @@ class Gateway:
                     first_byte.observe(time.perf_counter() - started)
                     first = False
                 await response.write(chunk)
+        except ConnectionResetError as exc:
+            # Only writing to the client raises it (aiohttp's ClientConnectionResetError): the client left.
+            # As a cancellation, which aiohttp ends quietly.
+            raise asyncio.CancelledError from exc
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
             if request.transport is None or request.transport.is_closing():
-                # The client left: nothing to tell it. As a cancellation, which aiohttp ends quietly.
-                raise asyncio.CancelledError from exc
+                raise asyncio.CancelledError from exc  # the client left too
             # Too late for a status code: end the stream with an error event the client raises.
             log.warning("engine of %s/%s broke off a stream: %s", served.namespace, served.name, exc)
-            await response.write(_sse_error(f"The engine of model '{served.model}' broke off its answer."))
+            try:
+                await response.write(_sse_error(f"The engine of model '{served.model}' broke off its answer."))
+            except ConnectionResetError as gone:
+                raise asyncio.CancelledError from gone
             response.force_close()
-        await response.write_eof()
+        try:
+            await response.write_eof()
+        except ConnectionResetError:
+            pass  # the client hung up once it had the whole answer, before the closing chunk
         return response
 
 

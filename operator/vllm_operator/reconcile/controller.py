@@ -21,18 +21,39 @@ from pydantic import ValidationError
 from vllm_operator import api, benchmark, observability
 from vllm_operator.api import LLMDeploymentSpec, pulls_model
 from vllm_operator.autoscale.decide import Autoscaler, Decision, LoadSample
-from vllm_operator.cache.fit import Deployment, DoesNotFit, Unknown, Verdict, capacity_status, check_fit, fit_checked_repo
+from vllm_operator.cache.fit import (
+    Deployment,
+    DoesNotFit,
+    Fits,
+    Unknown,
+    Verdict,
+    capacity_status,
+    check_fit,
+    fit_checked_repo,
+)
 from vllm_operator.cache.download import Download, download, finished, job_owner, made_by_operator, progress_url
 from vllm_operator.cache.hub import HubMetadata, Unjudged
 from vllm_operator.cache.progress import ProgressReader
 from vllm_operator.engines.metrics import EngineStats
+from vllm_operator.engines.startup import StartupStage
 from vllm_operator.kube import Kube, KubeError
 from vllm_operator.reconcile.drift import controller_uid, matches, owned, stamped
 from vllm_operator.reconcile.queue import Key, WorkQueue, retry_delay
 from vllm_operator.reconcile.status import Observation, compute_status, status_events
 from vllm_operator.reconcile.writes import Change, WriteBudget, classify, figures_moved
 from vllm_operator.render.engine_args import ENGINE_PORT, served_model_name
-from vllm_operator.render.manifests import SELECTOR_LABEL, ChildKey, Manifest, Owner, children, common_labels, endpoint
+from vllm_operator.render.manifests import (
+    SELECTOR_LABEL,
+    STARTUP_PROBE_BUDGET_SECONDS,
+    ChildKey,
+    Manifest,
+    Owner,
+    children,
+    common_labels,
+    endpoint,
+    live_startup_budget,
+    startup_budget_seconds,
+)
 from vllm_operator.render.puller import COMPONENT as PULLER_COMPONENT
 from vllm_operator.render.puller import PullerSettings, job_name, pull_job
 
@@ -91,6 +112,8 @@ class Scaled:
 class EngineView:
     stats: EngineStats | None = None
     unhealthy: dict[str, str] = field(default_factory=dict)
+    # Pod name -> (stage, since) of each replica still starting, from its log.
+    startup: dict[str, tuple[StartupStage, str]] = field(default_factory=dict)
 
 
 # Engine load figures reach the status at most this often per LLMDeployment, and the fleet's
@@ -263,7 +286,10 @@ class Controller:
         pulled = await self._download(key, body, spec, owner) if pulls_model(spec) else None
         # Until the model is in the cache, the engine Deployment is neither created nor changed: engines that
         # serve an earlier model keep serving it meanwhile.
-        synced = await self._sync_children(key, body, spec, owner, hold_engines=pulled is not None and not pulled.ready)
+        budget = startup_budget_seconds(spec, verdict.capacity.weight_bytes_per_device) if isinstance(verdict, Fits) \
+            else live_startup_budget(self._deployment(key)) or STARTUP_PROBE_BUDGET_SECONDS
+        synced = await self._sync_children(key, body, spec, owner, budget,
+                                           hold_engines=pulled is not None and not pulled.ready)
         if pulled is not None and not pulled.ready and pulled.failure is None and pulled.conflict is None:
             self.queue.add_after(key, self.progress_interval)  # the progress of a download sends no watch event
         if pulled is not None and pulled.ready:
@@ -285,6 +311,7 @@ class Controller:
             conflicts=tuple(self.conflicts.get(key, ())) + ((pulled.conflict,) if pulled and pulled.conflict else ()),
             autoscaler_conflict=self.autoscaler_conflicts.get(key),
             autoscaling=self._autoscaling_status(key, spec),
+            startup=_startup_status(view),
             capacity=capacity_status(verdict),
             cache=pulled.status if pulled is not None else None,
             download_failed=pulled.failure if pulled is not None else None,
@@ -367,7 +394,7 @@ class Controller:
     async def _apply_decision(self, key: Key, body: Mapping[str, Any], spec: LLMDeploymentSpec) -> bool:
         """Write the autoscaler's replicas through the scale subresource; True when it wrote."""
         decision = self._decision_now(key, spec)
-        if spec.autoscaling is None or decision is None:
+        if decision is None:
             return False
         if decision.desired == spec.replicas:
             # The autoscaler agrees with the count, whoever set it: a wake-up from zero is not overruled later.
@@ -393,15 +420,34 @@ class Controller:
         return True
 
     def _decision_now(self, key: Key, spec: LLMDeploymentSpec) -> Decision | None:
-        """The last scrape's decision, or, when spec.replicas changed since (kubectl scale, a wake-up from zero),
-        one decided for the count as it is now: a decision to keep the old count must not undo the change."""
-        decision, scaler = self.decisions.get(key), self.autoscalers.get(key)
-        if decision is None or scaler is None or decision.current == spec.replicas:
+        """The last scrape's decision, or, when spec.replicas changed since (kubectl scale, a wake-up from zero)
+        or nothing was scraped yet, one decided for the count as it is now: a decision to keep the old count must
+        not undo the change, and a count outside the bounds moves to them before any engine reports."""
+        if spec.autoscaling is None:
+            self._drop_autoscaler(key)
+            return None
+        decision = self.decisions.get(key)
+        if decision is not None and decision.current == spec.replicas:
             return decision
-        if decision.current == 0:
+        scaler = self._scaler(key, spec.autoscaling)
+        if decision is not None and decision.current == 0:
             scaler.wake()
         decision = self.decisions[key] = scaler.decide(spec.replicas, self._existing(key), time.monotonic())
         return decision
+
+    def _drop_autoscaler(self, key: Key) -> None:
+        self.autoscalers.pop(key, None)
+        self.decisions.pop(key, None)
+        self._replicas_known.pop(key, None)
+
+    def _scaler(self, key: Key, autoscaling: api.AutoscalingSpec) -> Autoscaler:
+        """The LLMDeployment's autoscaler, following its spec."""
+        scaler = self.autoscalers.get(key)
+        if scaler is None:
+            scaler = self.autoscalers[key] = Autoscaler(autoscaling)
+        else:
+            scaler.update_spec(autoscaling)
+        return scaler
 
     async def _other_autoscaler(self, key: Key) -> str | None:
         """An HPA (KEDA makes one too) that scales this LLMDeployment as well, worded for the status."""
@@ -438,15 +484,9 @@ class Controller:
             except ValidationError:
                 spec = None
         if spec is None or spec.autoscaling is None:
-            self.autoscalers.pop(key, None)
-            self.decisions.pop(key, None)
-            self._replicas_known.pop(key, None)
+            self._drop_autoscaler(key)
             return
-        scaler = self.autoscalers.get(key)
-        if scaler is None:
-            scaler = self.autoscalers[key] = Autoscaler(spec.autoscaling)
-        else:
-            scaler.update_spec(spec.autoscaling)
+        scaler = self._scaler(key, spec.autoscaling)
         now = time.monotonic()
         # No engine answered: that is a sample too, or the load seen before a scale to zero would
         # stand for the present and undo a wake-up.
@@ -482,12 +522,12 @@ class Controller:
         return {name: pod for name, pod in pods.items() if controller_uid(pod) in sets}
 
     async def _sync_children(self, key: Key, body: Mapping[str, Any], spec: LLMDeploymentSpec, owner: Owner,
-                             hold_engines: bool = False) -> bool:
+                             startup_budget: int, hold_engines: bool = False) -> bool:
         # Children are independent of each other: one round trip for all of them, not one each.
         live = self.children.get(key, {})
         outcomes = await asyncio.gather(*(
             self._sync_child(key, owner, child, manifest, live.get(child))
-            for child, manifest in children(spec, owner).items()
+            for child, manifest in children(spec, owner, startup_budget).items()
             if not (hold_engines and child == ("Deployment", owner.name))
         ))
         for store, found in ((self.apply_errors, [o.error for o in outcomes if o.error]),
@@ -674,6 +714,28 @@ class Controller:
                     targets.setdefault(key, {})[name] = f"http://{_host(ip)}:{ENGINE_PORT}"
         return targets
 
+    def starting_pods(self) -> dict[Key, list[str]]:
+        """Engine Pods whose container runs but has not passed its startup probe yet, by LLMDeployment."""
+        starting: dict[Key, list[str]] = {}
+        for key in self.pods:
+            for name, pod in self.engine_pods(key).items():
+                statuses = (pod.get("status") or {}).get("containerStatuses") or []
+                if not pod["metadata"].get("deletionTimestamp") and statuses and not _started(pod) \
+                        and all("running" in (s.get("state") or {}) for s in statuses):
+                    starting.setdefault(key, []).append(name)
+        return starting
+
+    def update_startup(self, key: Key, stages: dict[str, StartupStage]) -> None:
+        """The stages read from the starting replicas' logs; a replica not named has started or gone."""
+        view = self.engines.setdefault(key, EngineView())
+        now = now_rfc3339()
+        startup = {pod: (stage, since if known == stage else now)
+                   for pod, stage in stages.items() for known, since in [view.startup.get(pod, (None, ""))]}
+        if startup != view.startup:
+            view.startup = startup
+            if key in self.resources:
+                self.queue.add(key)
+
     def update_engine(self, key: Key, stats: EngineStats | None, unhealthy: dict[str, str]) -> None:
         self._autoscale(key, stats)
         view = self.engines.setdefault(key, EngineView())
@@ -716,6 +778,13 @@ def _shared(value: Any) -> Any:
     if isinstance(value, str) and len(value) <= SHARED_STRING_LENGTH:
         return sys.intern(value)
     return value
+
+
+def _startup_status(view: EngineView) -> dict[str, Any] | None:
+    if not view.startup:
+        return None
+    replicas = [{"pod": pod, "stage": stage, "since": since} for pod, (stage, since) in sorted(view.startup.items())]
+    return api.StartupStatus.model_validate({"replicas": replicas}).model_dump(by_alias=True)
 
 
 def _started(pod: Mapping[str, Any]) -> bool:

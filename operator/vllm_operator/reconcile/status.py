@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_operator.engines.metrics import EngineStats
+from vllm_operator.engines.startup import STAGE_WORDS
 
 # Waiting reasons a person must act on: the engine will not come up by itself.
 BLOCKING_WAIT_REASONS = {
@@ -62,6 +63,8 @@ class Observation:
     # of a download that failed for good.
     cache: Mapping[str, Any] | None = None
     download_failed: tuple[str, str] | None = None
+    # status.startup: the stage of each replica still starting (engines/startup.py).
+    startup: Mapping[str, Any] | None = None
 
 
 def _is_ready(pod: Mapping[str, Any]) -> bool:
@@ -219,6 +222,9 @@ def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> d
         ready_message = f"pod {unschedulable[0][0]}: {unschedulable[0][1]}"
     elif any((p.get("status") or {}).get("phase") == "Running" for p in pods):
         phase, ready_reason, ready_message = "Loading", "EngineLoading", "the engine is loading the model"
+        if obs.startup:
+            ready_message = "the engines are starting: " + ", ".join(
+                f"pod {r['pod']} {STAGE_WORDS[r['stage']]} since {r['since']}" for r in obs.startup["replicas"])
     else:
         phase, ready_reason, ready_message = "Pending", "PodsPending", "waiting for engine Pods to start"
         if any(CLAIM_BINDING in str(c.get("message")) for p in pods for c in p.get("status", {}).get("conditions") or []):
@@ -249,6 +255,8 @@ def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> d
             status[key] = value
     if obs.autoscaling is not None:
         status["autoscaling"] = dict(obs.autoscaling)
+    if obs.startup is not None:
+        status["startup"] = dict(obs.startup)
     if obs.engine is not None:
         status["engine"] = obs.engine.model_copy(update={"observed_at": now}).model_dump(by_alias=True, exclude_none=True)
     return status

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any
@@ -21,14 +22,18 @@ from vllm_operator.render.profiles import device_resource, profile_for
 Manifest = dict[str, Any]
 
 SELECTOR_LABEL = f"{api.GROUP}/llmdeployment"
+ENGINE_CONTAINER = "vllm"
 MANAGED_BY = "vllm-operator"
 DEFAULT_CACHE_SIZE = "50Gi"
-# Loading a large model (download + weights + compile) can take tens of minutes.
+# The startup probe's budget when the weights' size is unknown: a large model can take tens of minutes.
 STARTUP_PROBE_BUDGET_SECONDS = 40 * 60
 STARTUP_PROBE_PERIOD_SECONDS = 10
+MAX_STARTUP_BUDGET_SECONDS = 4 * 60 * 60
+# Each device reads its share of the weights at this rate at least, from a network volume.
+WEIGHT_LOAD_BYTES_PER_SECOND = 50 * 2**20
 # A rollout counts as stuck only after the engine had its whole startup budget, plus time to be
 # scheduled and to pull the image: a model still loading at minute 11 is not a failed rollout.
-PROGRESS_DEADLINE_SECONDS = STARTUP_PROBE_BUDGET_SECONDS + 10 * 60
+PROGRESS_MARGIN_SECONDS = 10 * 60
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,27 @@ def _volumes(spec: LLMDeploymentSpec, owner: Owner) -> tuple[list[dict[str, Any]
     return volumes, mounts
 
 
+def startup_budget_seconds(spec: LLMDeploymentSpec, weight_bytes_per_device: int | None) -> int:
+    """Seconds the startup probe waits for an engine: the accelerator's compile and warm-up time plus reading
+    each device's share of the weights, or 40 minutes when their size is unknown."""
+    if weight_bytes_per_device is None:
+        return STARTUP_PROBE_BUDGET_SECONDS
+    seconds = profile_for(spec.accelerator.type).startup_seconds + weight_bytes_per_device / WEIGHT_LOAD_BYTES_PER_SECOND
+    periods = math.ceil(seconds / STARTUP_PROBE_PERIOD_SECONDS)
+    return min(periods * STARTUP_PROBE_PERIOD_SECONDS, MAX_STARTUP_BUDGET_SECONDS)
+
+
+def live_startup_budget(deployment: Mapping[str, Any] | None) -> int | None:
+    """The startup budget of a live engine Deployment, so that a size the operator cannot learn now (the hub
+    does not answer) keeps the budget it had rather than restarting every engine with another."""
+    containers = (((deployment or {}).get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or []
+    for container in containers:
+        probe = container.get("startupProbe") if container.get("name") == ENGINE_CONTAINER else None
+        if probe and isinstance(probe.get("periodSeconds"), int) and isinstance(probe.get("failureThreshold"), int):
+            return int(probe["periodSeconds"] * probe["failureThreshold"])
+    return None
+
+
 def _probe(period: int, failures: int) -> dict[str, Any]:
     return {
         "httpGet": {"path": "/health", "port": "http"},
@@ -126,11 +152,12 @@ def _probe(period: int, failures: int) -> dict[str, Any]:
     }
 
 
-def _engine_container(spec: LLMDeploymentSpec, owner: Owner, mounts: list[dict[str, Any]]) -> dict[str, Any]:
+def _engine_container(spec: LLMDeploymentSpec, owner: Owner, mounts: list[dict[str, Any]],
+                      startup_budget: int) -> dict[str, Any]:
     profile = profile_for(spec.accelerator.type)
     engine = engine_container(spec, owner.name)
     container: dict[str, Any] = {
-        "name": "vllm",
+        "name": ENGINE_CONTAINER,
         "image": engine_image(spec),
         "imagePullPolicy": spec.engine.image_pull_policy or "IfNotPresent",
         "command": list(engine.command),
@@ -139,7 +166,7 @@ def _engine_container(spec: LLMDeploymentSpec, owner: Owner, mounts: list[dict[s
         "ports": [{"name": "http", "containerPort": ENGINE_PORT, "protocol": "TCP"}],
         "volumeMounts": mounts,
         # Liveness and readiness only start once the startup probe passed, so a loading engine is never killed.
-        "startupProbe": _probe(STARTUP_PROBE_PERIOD_SECONDS, STARTUP_PROBE_BUDGET_SECONDS // STARTUP_PROBE_PERIOD_SECONDS),
+        "startupProbe": _probe(STARTUP_PROBE_PERIOD_SECONDS, math.ceil(startup_budget / STARTUP_PROBE_PERIOD_SECONDS)),
         "readinessProbe": _probe(5, 3),
         "livenessProbe": _probe(15, 4),
         # A crashed engine's last log lines become its termination message, and so reach Degraded.
@@ -202,11 +229,12 @@ def tolerations(spec: LLMDeploymentSpec) -> list[dict[str, Any]]:
     ]
 
 
-def deployment(spec: LLMDeploymentSpec, owner: Owner) -> Manifest:
+def deployment(spec: LLMDeploymentSpec, owner: Owner, startup_budget: int = STARTUP_PROBE_BUDGET_SECONDS) -> Manifest:
+    """The engine Deployment; ``startup_budget`` from ``startup_budget_seconds``."""
     profile = profile_for(spec.accelerator.type)
     volumes, mounts = _volumes(spec, owner)
     pod_spec: dict[str, Any] = {
-        "containers": [_engine_container(spec, owner, mounts)],
+        "containers": [_engine_container(spec, owner, mounts, startup_budget)],
         "volumes": volumes,
         "terminationGracePeriodSeconds": 60,
         "enableServiceLinks": False,
@@ -239,7 +267,7 @@ def deployment(spec: LLMDeploymentSpec, owner: Owner) -> Manifest:
         "metadata": _metadata(owner, owner.name, "engine"),
         "spec": {
             "replicas": spec.replicas,
-            "progressDeadlineSeconds": PROGRESS_DEADLINE_SECONDS,
+            "progressDeadlineSeconds": startup_budget + PROGRESS_MARGIN_SECONDS,
             "selector": {"matchLabels": selector_labels(owner.name)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": strategy},
             "template": {"metadata": template_meta, "spec": pod_spec},
@@ -301,11 +329,12 @@ def endpoint(spec: LLMDeploymentSpec, owner: Owner) -> str:
 ChildKey = tuple[str, str]  # (kind, name)
 
 
-def children(spec: LLMDeploymentSpec, owner: Owner) -> dict[ChildKey, Manifest | None]:
+def children(spec: LLMDeploymentSpec, owner: Owner,
+             startup_budget: int = STARTUP_PROBE_BUDGET_SECONDS) -> dict[ChildKey, Manifest | None]:
     """Every child by kind and name; None means the child must not exist for this spec."""
     return {
         ("PersistentVolumeClaim", cache_claim_name(owner.name)): cache_claim(spec, owner),
-        ("Deployment", owner.name): deployment(spec, owner),
+        ("Deployment", owner.name): deployment(spec, owner, startup_budget),
         ("Service", owner.name): service(spec, owner),
         ("PodDisruptionBudget", owner.name): disruption_budget(spec, owner),
     }

@@ -34,6 +34,8 @@ class AcceleratorProfile:
     # engine.backend openvino: its image and VLLM_OPENVINO_DEVICE; None where OpenVINO does not run.
     openvino_image: str | None = None
     openvino_device: str | None = None
+    # Seconds a start takes besides reading the weights: imports, compilation, warm-up, graph capture.
+    startup_seconds: int = 15 * 60
 
 
 def _tolerate(*keys: str) -> tuple[Mapping[str, str], ...]:
@@ -60,6 +62,7 @@ PROFILES: Mapping[str, AcceleratorProfile] = MappingProxyType({
         product_label="amd.com/gpu.product-name",
         tolerations=_tolerate("amd.com/gpu"),
         graph_capture=True,
+        startup_seconds=20 * 60,  # ROCm's kernels are tuned and compiled on the first start
     ),
     "gaudi": AcceleratorProfile(
         type="gaudi",
@@ -75,6 +78,7 @@ PROFILES: Mapping[str, AcceleratorProfile] = MappingProxyType({
         # The Gaudi runtime pins its threads, which needs SYS_NICE.
         capabilities=("SYS_NICE",),
         default_block_size=128,
+        startup_seconds=45 * 60,  # HPU graph warm-up over every bucket of batch and sequence length
     ),
     "intel-gpu": AcceleratorProfile(
         type="intel-gpu",
@@ -87,6 +91,7 @@ PROFILES: Mapping[str, AcceleratorProfile] = MappingProxyType({
         openvino_image="opea/vllm-arc:latest",
         # The device plugin exposes only the cards it allocated, so the first GPU is the Pod's.
         openvino_device="GPU",
+        startup_seconds=20 * 60,
     ),
     "cpu": AcceleratorProfile(
         type="cpu",
@@ -99,6 +104,7 @@ PROFILES: Mapping[str, AcceleratorProfile] = MappingProxyType({
         scarce=False,
         openvino_image="opea/vllm-openvino:1.1",
         openvino_device="CPU",
+        startup_seconds=10 * 60,
     ),
 })
 
