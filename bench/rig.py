@@ -18,7 +18,8 @@ import yaml
 from kubernetes import client, config
 
 from bench.kube import BenchKube, Obj
-from devcluster import nodes
+from devcluster import engine, nodes
+from devcluster.hub import LocalHub, default_repos
 from devcluster.cluster import REPO_ROOT
 from devcluster.operatorproc import OperatorProcess
 from vllm_operator import api
@@ -104,6 +105,7 @@ class Rig:
     operator: OperatorProcess
     out: Out
     largest: int  # the most LLMDeployments a namespace of this rig holds
+    hub: LocalHub  # what the operator and its download Jobs take for the Hugging Face hub
 
     @property
     def operator_pid(self) -> int:
@@ -190,23 +192,28 @@ async def rig(kubeconfig: Path, largest: int, namespaces: list[str], out: Out) -
     api_client = config.new_client_from_config(config_file=str(kubeconfig))
     log_file = Path(tempfile.mkdtemp(prefix="vllm-operator-bench-")) / "operator.log"
     scope = [f"--namespace={namespace}" for namespace in namespaces]
-    operator = OperatorProcess(kubeconfig, log_file,
-                               ["--scrape-interval", f"{SCRAPE_INTERVAL:g}", "--log-level", "warning", *scope])
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-        setting = Rig(kubeconfig, kube, http, api_client, operator, out, largest)
-        try:
-            await _install_crd(kube)
-            for leftover in (await kube.request("GET", "/api/v1/namespaces",
-                                                params={"labelSelector": BENCH_LABEL}))["items"]:
-                await setting.delete_namespace(leftover["metadata"]["name"])
-            # Room for the largest fleet and some to spare on one node.
-            await _add_node(kube, api_client, largest + 100)
-            await asyncio.to_thread(operator.start)
-            out(f"operator pid {setting.operator_pid}, log {log_file}")
-            yield setting
-        finally:
-            operator.stop()
-            with contextlib.suppress(KubeError):
-                await kube.request("DELETE", f"/api/v1/nodes/{NODE}")
-            await kube.close()
-            api_client.close()
+    # The local hub answers the fit check and the download Jobs of the cold-start measurement.
+    with LocalHub(default_repos(engine.model_snapshot())).serve() as hub:
+        operator = OperatorProcess(kubeconfig, log_file,
+                                   ["--scrape-interval", f"{SCRAPE_INTERVAL:g}", "--log-level", "warning", *scope],
+                                   env=hub.env())
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            setting = Rig(kubeconfig, kube, http, api_client, operator, out, largest, hub)
+            try:
+                await _install_crd(kube)
+                # Only this run's own leftovers: another run of other measurements may share the cluster.
+                for leftover in (await kube.request("GET", "/api/v1/namespaces",
+                                                    params={"labelSelector": BENCH_LABEL}))["items"]:
+                    if leftover["metadata"]["name"] in namespaces:
+                        await setting.delete_namespace(leftover["metadata"]["name"])
+                # Room for the largest fleet and some to spare on one node.
+                await _add_node(kube, api_client, largest + 100)
+                await asyncio.to_thread(operator.start)
+                out(f"operator pid {setting.operator_pid}, log {log_file}")
+                yield setting
+            finally:
+                operator.stop()
+                with contextlib.suppress(KubeError):
+                    await kube.request("DELETE", f"/api/v1/nodes/{NODE}")
+                await kube.close()
+                api_client.close()
