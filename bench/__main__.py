@@ -10,7 +10,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
-from bench import autoscale, burst, engine_start, fleet, freshness, latency, memory, sizes
+from bench import autoscale, burst, engine_start, fleet, freshness, gateway, latency, memory, sizes
 from bench.report import DOC, Row, previous_results, text_table, write_doc
 from bench.rig import SCRAPE_INTERVAL, Out, Rig, kubeconfig_answers, llmdeployment, rig
 from bench.tracker import expected_children, tracking
@@ -24,7 +24,10 @@ MEASUREMENTS = {
     "memory": "peak RSS as the fleet grows to each size of the slope table (runs the fleet's burst)",
     "autoscale": "the autoscaler's reaction to a queue on the cluster, its decision CPU at fleet size and its scale "
                  "changes per simulated hour",
-    "engine-start": "real vLLM start-up with a cold and a warm compile cache",
+    "engine-start": "real vLLM start-up with a cold and a warm compile cache, and apply to Ready from the hub with a "
+                    "cold and a shared model cache",
+    "gateway": "the gateway pinned to one core against direct requests to the same simulated engine: added latency, "
+               "requests per second and streamed time to first byte",
 }
 
 
@@ -59,7 +62,8 @@ def namespaces(size: sizes.Size, selected: set[str]) -> list[str]:
     found = [latency.NAMESPACE] if "apply" in selected else []
     found += [burst.namespace_for(count) for count in _burst_counts(size, selected)]
     found += [autoscale.NAMESPACE] if "autoscale" in selected else []
-    return found + [engine_start.NAMESPACE] if "engine-start" in selected else found
+    found += [engine_start.NAMESPACE, engine_start.HUB_NAMESPACE] if "engine-start" in selected else []
+    return found + [gateway.NAMESPACE] if "gateway" in selected else found
 
 
 async def _bursts(setting: Rig, size: sizes.Size, selected: set[str]) -> tuple[list[Row], list[str]]:
@@ -111,6 +115,9 @@ async def run(kubeconfig: Path, size: sizes.Size, selected: set[str], out: Out) 
         if "engine-start" in selected:
             out("engine start")
             rows += await _guarded("engine start", engine_start.measure(setting, size))
+        if "gateway" in selected:
+            out("gateway")
+            rows += await _guarded("gateway", gateway.measure(setting, size))
     return rows, sections
 
 
@@ -151,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         _out("\n(--only: docs/benchmarks.md left as it was)")
     else:
-        methods = [m.method(size) for m in (latency, burst, fleet, freshness, memory, autoscale, engine_start)]
+        measured = (latency, burst, fleet, freshness, memory, autoscale, engine_start, gateway)
+        methods = [m.method(size) for m in measured]
         _out(f"\nwritten to {write_doc(rows, previous, size, SCRAPE_INTERVAL, methods, sections)}")
     return 0
 

@@ -17,6 +17,8 @@ class Size:
     engine_starts: int  # cold and warm vLLM starts each
     growth: tuple[int, ...]  # LLMDeployments the fleet then grows to, for the memory slope
     autoscale_steps: int  # load steps the autoscaler reacts to
+    gateway_requests: int  # requests timed one at a time on each path, to the gateway and straight to the engine
+    gateway_seconds: float  # seconds each path is loaded for its rate
 
     @property
     def fleet(self) -> int:
@@ -29,9 +31,9 @@ class Size:
 
 SIZES = {
     "full": Size("full", applies=200, bursts=(100, 1000), window=60.0, engine_starts=3, growth=(2000, 5000),
-                 autoscale_steps=3),
+                 autoscale_steps=3, gateway_requests=5000, gateway_seconds=30.0),
     "small": Size("small", applies=20, bursts=(20, 50), window=30.0, engine_starts=1, growth=(100, 200),
-                  autoscale_steps=1),
+                  autoscale_steps=1, gateway_requests=1000, gateway_seconds=9.0),
 }
 
 

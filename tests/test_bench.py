@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import REGISTRY, generate_latest
 
 from bench import __main__ as bench_main
-from bench import autoscale, burst, engine_start, fleet, freshness, latency, memory, metrics
+from bench import autoscale, burst, engine_start, fleet, freshness, gateway, latency, memory, metrics
 from bench.kube import BenchKube
 from bench.report import Row, page, previous_results, text_table
 from bench.rig import SCRAPE_INTERVAL
@@ -306,7 +306,8 @@ def test_the_operator_serves_every_namespace_the_selected_measurements_use_and_n
     assert bench_main.namespaces(small, {"fleet"}) == [burst.namespace_for(small.fleet)]
     assert bench_main.namespaces(small, set(bench_main.MEASUREMENTS)) == [
         latency.NAMESPACE, *(burst.namespace_for(count) for count in small.bursts), autoscale.NAMESPACE,
-        engine_start.NAMESPACE]
+        engine_start.NAMESPACE, engine_start.HUB_NAMESPACE, gateway.NAMESPACE]
+    assert bench_main.namespaces(small, {"gateway"}) == [gateway.NAMESPACE]
 
 
 def test_autoscaler_rows_count_no_scale_change_in_a_steady_or_oscillating_hour() -> None:
@@ -340,3 +341,36 @@ def test_new_versions_count_changes_only_not_the_same_version_listed_again() -> 
     tracker._resource("MODIFIED", llmd("a", "4"))
     assert seen == Counter({"a": 1, "b": 1})
     assert tracker.listeners == []
+
+
+def paired(direct_ms: list[float], gateway_ms: list[float]) -> gateway.Paired:
+    return gateway.Paired([ms / 1000 for ms in direct_ms], [ms / 1000 for ms in gateway_ms])
+
+
+def test_gateway_added_latency_is_the_difference_of_the_two_paths_percentiles() -> None:
+    # The p99 of 100 samples is the 99th smallest, whichever request it was.
+    samples = paired([1.0] * 98 + [3.0, 9.0], [1.5] * 98 + [4.0, 20.0])
+    assert samples.added_ms(0.5) == pytest.approx(0.5)
+    assert samples.added_ms(0.99) == pytest.approx(1.0)
+    row = gateway.latency_row(samples)
+    assert row.passed is True
+    assert row.result.startswith("+0.50 ms p50, +1.00 ms p99 (gateway 1.50 / 4.00 ms, direct 1.00 / 3.00 ms)")
+
+
+def test_gateway_latency_and_first_byte_rows_judge_their_own_targets_on_the_p50() -> None:
+    slow = paired([1.0] * 10, [2.5] * 10)  # 1.5 ms added: beyond the latency target, within the stream's
+    assert gateway.latency_row(slow).passed is False
+    assert gateway.ttfb_row(slow).passed is True
+    assert gateway.ttfb_row(paired([1.0] * 10, [3.5] * 10)).passed is False
+    # A p99 far beyond does not fail a row whose target is on the p50.
+    assert gateway.latency_row(paired([1.0] * 100, [1.5] * 98 + [50.0] * 2)).passed is True
+
+
+def test_gateway_rate_is_judged_per_second_of_the_gateways_own_cpu() -> None:
+    # 10,000 requests in 5 s with the gateway busy 4 s: 2,500 a core-second, though 2,000/s were measured.
+    row = gateway.rate_row(gateway.Rate(30_000, 5.0), gateway.Rate(10_000, 5.0), gateway_cpu=4.0)
+    assert row.passed is True
+    assert row.result == ("2,500 per CPU-second (400 µs each); measured 2,000/s with the gateway at 80% of its core, "
+                          "6,000/s straight to the engine")
+    assert gateway.rate_row(gateway.Rate(30_000, 5.0), gateway.Rate(9_000, 5.0), gateway_cpu=5.0).passed is False
+    assert gateway.rate_row(gateway.Rate(30_000, 5.0), gateway.Rate(0, 5.0), gateway_cpu=0.0).passed is False
