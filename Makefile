@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 CACHE ?= $(HOME)/.cache/vllm-operator
 DEVPY := PYTHONPATH=hack $(PY)
 
-.PHONY: help venv engine binaries model cluster-up cluster-down crds test demo demo-down screenshot bench
+.PHONY: help venv engine binaries model cluster-up cluster-down crds test demo demo-down screenshot bench chaos
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -53,3 +53,7 @@ screenshot: venv ## redraw docs/images/dashboard.png: the chart's dashboard unde
 
 bench: binaries ## benchmarks; BENCH_SIZE=small for a quick run
 	$(DEVPY) -m bench
+
+CHAOS_SIZE ?= full
+chaos: binaries ## fault suite on a cluster of its own (operator kills, apiserver/etcd restarts, failover); CHAOS_SIZE=ci for a quick run
+	$(DEVPY) -m devcluster.chaos --size $(CHAOS_SIZE) $(CHAOS_ARGS)

@@ -8,13 +8,17 @@ real puller downloads from the local hub (the ``hub`` fixture) and real vLLM ser
 from __future__ import annotations
 
 import copy
+import os
+import signal
 from typing import Any
 
 import pytest
 import requests
+from huggingface_hub import constants
 from kubernetes import client
 
 import llmd
+from conftest import BIG_REPO, BIG_SIZE, MIB
 from devcluster import engine
 from devcluster.hub import TINY_REPO, LocalHub
 from devcluster.operatorproc import OperatorProcess
@@ -23,6 +27,7 @@ from vllm_operator.render.puller import COMPONENT
 
 pytestmark = pytest.mark.cluster
 
+CHUNK = constants.DOWNLOAD_CHUNK_SIZE
 PULLER_CLIENT = "vllm-operator-puller"  # the User-Agent the puller gives the hub (puller.py LIBRARY)
 SHARED_CLAIM = "team-models"
 
@@ -146,6 +151,11 @@ def tiny_from_hub(name: str) -> dict[str, Any]:
     return manifest
 
 
+def puller_pods(cluster: Cluster, namespace: str) -> list[client.V1Pod]:
+    return client.CoreV1Api(cluster.api_client).list_namespaced_pod(
+        namespace, label_selector=f"app.kubernetes.io/component={COMPONENT}").items
+
+
 def engine_requests(hub: LocalHub) -> int:
     """Requests to the hub of anyone but the puller (the engines) since the last reset."""
     return sum(1 for r in hub.requests if r.client != PULLER_CLIENT)
@@ -191,6 +201,36 @@ def test_a_model_from_the_hub_downloads_then_loads_then_serves_without_the_engin
     assert second["status"]["cache"]["job"] == cached["status"]["cache"]["job"]
     assert len(jobs(cluster, namespace)) == 1
     assert hub.count(client=PULLER_CLIENT) == pulled and engine_requests(hub) == 0
+
+
+def test_a_download_killed_midway_resumes_from_the_bytes_on_the_claim(
+    operator: OperatorProcess, cluster: Cluster, namespace: str, hub: LocalHub
+) -> None:
+    manifest = tiny_from_hub("big")
+    manifest["spec"]["model"]["name"] = BIG_REPO
+    manifest["spec"]["replicas"] = 0  # the download alone: these weights are no model vLLM could load
+    hub.hold(after=CHUNK + MIB)  # the client writes to the claim a chunk at a time
+    try:
+        llmd.create(cluster.api_client, namespace, manifest)
+        done = wait_for("a chunk on the claim", lambda: (
+            (cache := ((llmd.get(cluster.api_client, namespace, "big") or {}).get("status") or {}).get("cache"))
+            and cache.get("bytesDone", 0) >= CHUNK and cache), 120)
+        [first] = puller_pods(cluster, namespace)
+        hub.reset_counts()
+        # As an evicted or OOM-killed Pod: no chance to clean up. The Job's next Pod takes over.
+        os.kill(int(first.status.container_statuses[0].container_id.removeprefix("localruntime://")), signal.SIGKILL)
+        wait_for("the Job's second Pod", lambda: len(puller_pods(cluster, namespace)) == 2, 120)
+    finally:
+        hub.release()
+    cached = wait_for("the cache Ready", lambda: (
+        (cache := ((llmd.get(cluster.api_client, namespace, "big") or {}).get("status") or {}).get("cache"))
+        and cache.get("phase") == "Ready" and cache), 180)
+    assert cached["bytesDone"] == cached["bytesTotal"] == BIG_SIZE + sum(
+        f.size for name, f in hub.repos[BIG_REPO].files.items() if name != "model.safetensors")
+    # Every request for the weights since the kill starts past the bytes that were on the claim.
+    gets = [r for r in hub.requests if r.method == "GET" and r.path.endswith("/model.safetensors")]
+    starts = [int(r.range.removeprefix("bytes=").split("-")[0]) if r.range else 0 for r in gets]
+    assert gets and min(starts) >= done["bytesDone"], (starts, done["bytesDone"])
 
 
 @pytest.mark.engine

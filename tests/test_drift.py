@@ -52,3 +52,27 @@ def test_a_retained_claim_with_our_labels_is_ours_and_a_bare_one_is_not() -> Non
     assert owned(live(claim), claim, "uid-1")
     bare = {"kind": "PersistentVolumeClaim", "metadata": {"name": "llama-cache"}}
     assert not owned(bare, claim, "uid-1")
+
+
+def engine_env(deployment: dict) -> list[dict]:
+    return deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+
+
+def test_an_entry_someone_else_added_to_a_list_keyed_by_name_is_no_drift() -> None:
+    # `kubectl set env` adds a variable that the operator's server-side apply never removes (another manager owns
+    # it): counted as drift, it made every reconcile of the LLMDeployment re-apply its Deployment and post an
+    # "Updated" Event, with nothing changed (found by hack/devcluster/chaos.py's hand edits).
+    deployment = rendered()[("Deployment", "llama")]
+    edited = live(deployment)
+    engine_env(edited).append({"name": "SOMEONE_ELSES", "value": "1"})
+    assert matches(deployment, edited)
+
+
+def test_a_changed_or_missing_entry_of_a_list_keyed_by_name_is_drift() -> None:
+    deployment = rendered()[("Deployment", "llama")]
+    changed = live(deployment)
+    engine_env(changed)[0] = {**engine_env(changed)[0], "value": "changed by hand"}
+    missing = live(deployment)
+    del engine_env(missing)[0]
+    assert not matches(deployment, changed)
+    assert not matches(deployment, missing)

@@ -28,6 +28,7 @@ from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
 import llmd
+from devcluster.cluster import client_kubeconfig
 from devcluster.operatorproc import free_port
 from devcluster.pytest_plugin import Cluster, wait_for
 from devcluster.simengines import METRICS_FILE, WORDS, Engines, MetricsBody
@@ -85,7 +86,7 @@ class GatewayProcess:
         self.port = free_port()
         self.log_file = log_file
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "vllm_operator.cli", "gateway", "--kubeconfig", str(cluster.kubeconfig),
+            [sys.executable, "-m", "vllm_operator.cli", "gateway", "--kubeconfig", str(client_kubeconfig(cluster.kubeconfig, "gateway")),
              "--namespace", namespace, "--host", "127.0.0.1", "--port", str(self.port),
              "--wake-timeout", str(wake_timeout), "--log-format", "text"],
             stdout=log_file.open("wb"), stderr=subprocess.STDOUT)

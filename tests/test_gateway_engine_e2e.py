@@ -1,12 +1,16 @@
 """The gateway in front of real vLLM on the local-runtime node: two replicas of the tiny model chatted with
 through one OpenAI client, streamed and not; PrefixHash against LeastLoad on shared system prompts, by the
-engines' own prefix cache counters; and a second LLMDeployment at zero replicas woken by its first request."""
+engines' own prefix cache counters; a second LLMDeployment at zero replicas woken by its first request; and an
+engine killed mid-stream."""
 
 from __future__ import annotations
 
+import os
+import signal
 import urllib.request
 from collections.abc import Iterator
 
+import openai
 import pytest
 
 import llmd
@@ -104,3 +108,30 @@ def test_a_request_wakes_a_real_model_from_zero(cluster: Cluster, served: str, g
     assert woken.usage is not None and woken.usage.completion_tokens == 4
     assert (llmd.get(cluster.api_client, served, "tiny-sleeper") or {})["spec"]["replicas"] == 1
     assert gateway.metric("vllm_gateway_wakes_total", model="tiny-sleeper") == 1
+
+
+def test_an_engine_killed_mid_stream_ends_the_stream_with_an_error_and_the_other_serves_on(
+        cluster: Cluster, served: str, gateway: GatewayProcess) -> None:
+    openai_client = gateway.client(timeout=60)
+    pods = {pod.status.pod_ip: pod for pod in llmd.owned_pods(cluster.api_client, served, NAME)}
+    stream = openai_client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=400, stream=True,
+        extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    next(chunks)
+
+    def running(ip: str) -> float:
+        with urllib.request.urlopen(f"http://{ip}:8000/metrics", timeout=10) as answer:
+            return parse_sample(answer.read().decode(), 0.0).requests_running
+
+    [serving] = wait_for("the engine that streams", lambda: [ip for ip in pods if running(ip)] or None, 30)
+    os.kill(int(pods[serving].status.container_statuses[0].container_id.removeprefix("localruntime://")),
+            signal.SIGKILL)
+    with pytest.raises(openai.APIError):
+        for _ in chunks:
+            pass
+    # Until its readiness probe fails, the dead replica is still a candidate: a refused connection goes to the other.
+    for _ in range(4):
+        answer = openai_client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}],
+                                                       max_tokens=2, extra_body={"ignore_eos": True})
+        assert answer.usage is not None and answer.usage.completion_tokens == 2

@@ -2,13 +2,13 @@
 
 Pod Security is checked by the real apiserver's PodSecurity admission (a server-side dry-run create of each
 rendered Pod template in namespaces that enforce ``restricted`` and ``baseline``), not by reading YAML. The
-secret and RBAC checks share one scenario on the local cluster with simulated engines: LLMDeployments that
-use an HF token Secret and an API key Secret whose values this test chose, a scale-down, an autoscaler
-overrule and a benchmark; afterwards the values are searched for everywhere the operator writes.
+secret check runs one scenario on the local cluster with simulated engines: LLMDeployments that use an HF token
+Secret and an API key Secret whose values this test chose, a scale-down, an autoscaler overrule and a benchmark;
+afterwards the values are searched for everywhere the operator writes.
 
-RBAC use comes from the operator's own ``vllm_operator_api_writes_total``, its watches and the Events it posted
-(the local cluster's apiserver runs without an audit log, and the cluster is shared, so it is not restarted
-to add one): a read the operator makes outside its watches would not be seen.
+RBAC is held to the apiserver's audit log (the local cluster writes one, ``devcluster.audit``): every call the
+operator and the gateway made in the whole test session (they run as users of their own) must be granted by the
+chart's ClusterRoles, and after the whole suite every grant must have been used, or be explained.
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import kopf
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from prometheus_client.parser import text_string_to_metric_families
 
 import llmd
+from devcluster import audit
+from devcluster.cluster import GATEWAY, OPERATOR
 from devcluster.operatorproc import OperatorProcess
 from devcluster.pytest_plugin import Cluster, wait_for
-from test_chart import helm_path, of_kind, render  # noqa: F401 - helm_path is a fixture
+from test_chart import DATA, helm_path, of_kind, render  # noqa: F401 - helm_path is a fixture
 from vllm_operator import api
 from vllm_operator.api import BENCHMARK_ANNOTATION, BenchmarkRequest, LLMDeploymentSpec
 from vllm_operator.benchmark import job as benchmark_job
@@ -210,12 +210,6 @@ def _manifest(name: str, spec: Obj) -> Obj:
     return {"apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": api.KIND, "metadata": {"name": name}, "spec": spec}
 
 
-def _writes(metrics: str) -> set[tuple[str, str]]:
-    return {(s.labels["verb"], s.labels["kind"]) for family in text_string_to_metric_families(metrics)
-            for s in family.samples
-            if s.name == "vllm_operator_api_writes_total" and s.value > 0}
-
-
 def _get_text(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as response:
         return str(response.read().decode())
@@ -237,12 +231,7 @@ def scenario(cluster: Cluster, operator: OperatorProcess) -> Iterator[dict[str, 
     llmd.create(cluster.api_client, namespace, _manifest("scales", _spec(
         cache={"enabled": False}, autoscaling={"minReplicas": 1, "maxReplicas": 1})))
     policy = client.PolicyV1Api(cluster.api_client)
-    # Other sessions' operators on the shared cluster may do some of this work, and count it in their own
-    # metrics: what happened to the objects is recorded as well, as evidence of the calls made.
-    observed: set[tuple[str, str, str]] = set()
-    budget = wait_for("the PodDisruptionBudget", lambda: policy.list_namespaced_pod_disruption_budget(namespace).items, 60)
-    if any(f.manager == "vllm-operator" and f.operation == "Apply" for f in budget[0].metadata.managed_fields):
-        observed |= {("policy", "poddisruptionbudgets", "create"), ("policy", "poddisruptionbudgets", "patch")}
+    wait_for("the PodDisruptionBudget", lambda: policy.list_namespaced_pod_disruption_budget(namespace).items, 60)
     llmd.wait_phase(cluster.api_client, namespace, "serves", "Ready", 120)
     llmd.wait_phase(cluster.api_client, namespace, "scales", "Ready", 120)
     # A scale-down removes the disruption budget; a hand-made scale is overruled by the autoscaler.
@@ -255,11 +244,9 @@ def scenario(cluster: Cluster, operator: OperatorProcess) -> Iterator[dict[str, 
                         {"annotations": {BENCHMARK_ANNOTATION: json.dumps({"id": "sec", "numPrompts": 1})}})
     wait_for("the benchmark Job", lambda: ((llmd.get(cluster.api_client, namespace, "serves") or {})
                                            .get("status", {}).get("benchmark") or {}).get("job"), 90)
-    observed.add(("batch", "jobs", "create"))  # nothing but the operator makes Jobs here
     wait_for("the PodDisruptionBudget deleted", lambda: not policy.list_namespaced_pod_disruption_budget(namespace)
              .items, 60)
-    observed.add(("policy", "poddisruptionbudgets", "delete"))  # its owner lives: the garbage collector keeps it
-    yield {"namespace": namespace, "observed": observed}
+    yield {"namespace": namespace}
     core.delete_namespace(namespace)
 
 
@@ -293,65 +280,47 @@ def test_no_secret_value_leaves_its_secret(cluster: Cluster, operator: OperatorP
             assert not leaks, f"a secret value appears in {leaks}"
 
 
-# (API group, resource, verb) the chart grants that the scenario does not exercise, and where they are used.
+# (API group, resource, verb) the chart grants that no test makes the operator call, and why it is granted.
 UNEXERCISED: dict[tuple[str, str, str], str] = {
-    ("llm.vllm-operator.io", "llmdeployments", "get"): "vllm-operator bench --wait reads one LLMDeployment",
     ("llm.vllm-operator.io", "llmdeployments/finalizers", "update"):
         "never called: the apiserver checks it when a child names its owner with blockOwnerDeletion",
-    ("autoscaling", "horizontalpodautoscalers", "list"): "a GET of HPAs, which the write counter does not see",
-    ("", "persistentvolumeclaims", "delete"): "a claim created for an LLMDeployment deleted meanwhile",
-    ("", "events", "patch"): "a repeated Event counts up on the one already posted",
-    ("batch", "jobs", "delete"): "a finished benchmark's Job, once its result is in the status",
-    ("", "configmaps", "create"): "a finished benchmark's report (apply)",
-    ("", "configmaps", "patch"): "a finished benchmark's report (apply)",
-    ("", "pods/log", "get"): "a starting real engine's log (status.startup); test_engine_e2e sees the stage",
-}
-# Write counter kinds -> (API group, resource).
-KINDS = {
-    "Deployment": ("apps", "deployments"), "Service": ("", "services"),
-    "PersistentVolumeClaim": ("", "persistentvolumeclaims"), "PodDisruptionBudget": ("policy", "poddisruptionbudgets"),
-    "Job": ("batch", "jobs"), "ConfigMap": ("", "configmaps"),
-    "LLMDeployment/status": (api.GROUP, "llmdeployments/status"),
-    "LLMDeployment/scale": (api.GROUP, "llmdeployments/scale"),
+    ("", "persistentvolumeclaims", "delete"): "a claim created for an LLMDeployment deleted while it was created",
 }
 
 
-def granted_rules(helm: Path) -> set[tuple[str, str, str]]:
-    role = next(r for r in of_kind(render(helm), "ClusterRole"))
+def granted_rules(helm: Path, gateway: bool) -> set[tuple[str, str, str]]:
+    """What the chart's ClusterRole of the operator (or of the gateway) grants, watching every namespace."""
+    objects = render(helm, *([DATA / "values-gateway.yaml"] if gateway else []))
+    role = next(r for r in of_kind(objects, "ClusterRole") if r["metadata"]["name"].endswith("-gateway") == gateway)
     return {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
             for resource in rule["resources"] for verb in rule["verbs"]}
 
 
-def used_rules(metrics: str, events: list[Obj]) -> set[tuple[str, str, str]]:
-    """What the operator did: its watches (list and watch, and get of the same objects), its counted writes
-    (a server-side apply is a patch that needs create when it makes the object), and the Events it posted."""
-    used: set[tuple[str, str, str]] = set()
-    for handler in kopf.get_default_registry()._watching.get_all_handlers():
-        resource = (handler.selector.group or "", handler.selector.any_name)
-        used |= {(*resource, "list"), (*resource, "watch")}
-    for verb, kind in _writes(metrics):
-        group, resource = KINDS[kind]
-        verbs = {"patch"} | ({"create"} if "/" not in resource else set()) if verb == "apply" else {verb}
-        used |= {(group, resource, v) for v in verbs}
-    if events:
-        used.add(("", "events", "create"))
-    if any((e.get("count") or 1) > 1 for e in events):
-        used.add(("", "events", "patch"))
-    return used
+def needed(calls: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
+    """The RBAC verbs ``calls`` need: a server-side apply is a patch, which needs create where it makes the object."""
+    return calls | {(group, resource, "create") for group, resource, verb in calls
+                    if verb == "patch" and "/" not in resource}
+
+
+def whole_suite(request: pytest.FixtureRequest) -> bool:
+    return request.config.args_source == pytest.Config.ArgsSource.TESTPATHS and not request.config.option.keyword \
+        and not request.config.option.markexpr
 
 
 @pytest.mark.cluster
-def test_rbac_grants_what_the_operator_uses(cluster: Cluster, operator: OperatorProcess, scenario: dict[str, Any],
-                                           helm_path: Path) -> None:  # noqa: F811
-    metrics = _get_text(operator.metrics_url)
-    import vllm_operator.handlers  # noqa: F401 - registers the watches
-    events = [e for e in client.CoreV1Api(cluster.api_client).list_namespaced_event(scenario["namespace"]).to_dict()
-              ["items"] if (e.get("reporting_component") or (e.get("source") or {}).get("component") or "")
-              .startswith("vllm-operator")]
-    granted = granted_rules(helm_path)
-    used = used_rules(metrics, events) | scenario["observed"]
-    assert used - granted == set(), "the operator does what the chart does not allow"
-    reads = {(group, resource, "get") for group, resource, verb in granted if verb == "list"}
-    unexplained = granted - used - reads - set(UNEXERCISED)
-    assert unexplained == set(), f"granted, never used: remove it from the chart or exercise it here; " \
-        f"writes counted: {sorted(_writes(metrics))}"
+@pytest.mark.last
+@pytest.mark.parametrize(("user", "gateway"), [(OPERATOR.user, False), (GATEWAY.user, True)],
+                         ids=["operator", "gateway"])
+def test_rbac_grants_what_is_called_and_nothing_else(cluster: Cluster, helm_path: Path,  # noqa: F811
+                                                       request: pytest.FixtureRequest, user: str,
+                                                       gateway: bool) -> None:
+    """Every call of the operator (or the gateway) in the apiserver's audit log, over the whole test session, is
+    granted by the chart; and, after the whole suite, every grant was used or is explained."""
+    calls = audit.calls(cluster.kubeconfig.parent, user)
+    if not calls:
+        pytest.skip(f"the audit log holds no call of {user} (a cluster started without audit logging?)")
+    granted = granted_rules(helm_path, gateway)
+    assert needed(calls) - granted == set(), "called, but the chart does not allow it"
+    if whole_suite(request):
+        unused = granted - needed(calls) - set(UNEXERCISED)
+        assert unused == set(), "granted, never called in the whole suite: remove it from the chart or explain it"

@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 from kubernetes import client, config
 
-from devcluster import binaries, nodes
+from devcluster import audit, binaries, nodes
 from devcluster.certs import Authority, Identity, KeyPair, service_account_key
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -55,6 +55,10 @@ SCHEDULER = Identity("system:kube-scheduler")
 KWOK = Identity("vllm-operator:kwok", ("system:masters",))
 LOCALRUNTIME = Identity("vllm-operator:localruntime", ("system:masters",))
 APISERVER_KUBELET_CLIENT = Identity("kube-apiserver-kubelet-client")
+# The operator and the gateway the tests and benchmarks start run as users of their own, so that the audit log
+# tells their calls from the tests' (devcluster.audit); as masters, their RBAC is the tests' to judge.
+OPERATOR = Identity("vllm-operator:operator", ("system:masters",))
+GATEWAY = Identity("vllm-operator:gateway", ("system:masters",))
 FRONT_PROXY_CLIENT = "front-proxy-client"
 
 Out = Callable[[str], None]
@@ -119,6 +123,13 @@ class Ports:
         return {"etcd client": self.etcd_client, "etcd peer": self.etcd_peer, "kube-apiserver": self.apiserver,
                 "kube-controller-manager": self.controller_manager, "kube-scheduler": self.scheduler,
                 "local runtime logs": self.kubelet, "simulated engines admin": self.simengines_admin}
+
+
+def client_kubeconfig(kubeconfig: Path, client: str) -> Path:
+    """The kubeconfig of ``client`` ("operator" or "gateway") on the local cluster whose admin kubeconfig this is;
+    the admin one itself on a cluster that has none (another cluster, or one started by an older version)."""
+    own = kubeconfig.parent / "config" / f"{client}.kubeconfig"
+    return own if own.is_file() else kubeconfig
 
 
 def check_ports_free(ports: Ports) -> None:
@@ -442,6 +453,8 @@ class LocalCluster:
             "kube-scheduler": ca.client("kube-scheduler", SCHEDULER),
             "kwok": ca.client("kwok", KWOK),
             "localruntime": ca.client("localruntime", LOCALRUNTIME),
+            "operator": ca.client("operator", OPERATOR),
+            "gateway": ca.client("gateway", GATEWAY),
             "kubelet": ca.server("kubelet", LOCAL_NODE, ("127.0.0.1", LOCAL_NODE)),
             "apiserver-kubelet-client": ca.client("apiserver-kubelet-client", APISERVER_KUBELET_CLIENT),
             "front-proxy-ca": front_proxy.pair,
@@ -486,12 +499,15 @@ class LocalCluster:
         configs = self.state_dir / "config"
         self._settings.write_text(json.dumps({"port_base": ports.base}) + "\n")
         identities = {"kube-controller-manager": CONTROLLER_MANAGER, "kube-scheduler": SCHEDULER,
-                      "kwok": KWOK, "localruntime": LOCALRUNTIME}
+                      "kwok": KWOK, "localruntime": LOCALRUNTIME, "operator": OPERATOR, "gateway": GATEWAY}
         for name, identity in identities.items():
             self._write_kubeconfig(configs / f"{name}.kubeconfig", identity.user, pki[name])
         self._write_kubeconfig(self.kubeconfig, ADMIN.user, pki["admin"])
         stages = configs / "kwok-stages.yaml"
         stages.write_text(nodes.kwok_stages())
+        audit_policy = configs / "audit-policy.yaml"
+        audit_policy.write_text(audit.policy([CONTROLLER_MANAGER.user, SCHEDULER.user, KWOK.user, LOCALRUNTIME.user,
+                                              "system:apiserver"]))
 
         def step(name: str, what: str) -> None:
             out(f"{time.monotonic() - started:6.1f}s  {name:<24} {what}")
@@ -528,6 +544,7 @@ class LocalCluster:
             f"--etcd-keyfile={pki['apiserver-etcd-client'].key}",
             f"--tls-cert-file={pki['apiserver'].cert}", f"--tls-private-key-file={pki['apiserver'].key}",
             f"--client-ca-file={pki['ca'].cert}",
+            *audit.flags(self.state_dir, audit_policy),
             # Logs come from the node's InternalIP, as in clusters whose node names DNS does not resolve.
             "--kubelet-preferred-address-types=InternalIP",
             f"--kubelet-certificate-authority={pki['ca'].cert}",

@@ -13,6 +13,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from devcluster.cluster import client_kubeconfig
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -66,7 +68,8 @@ class OperatorProcess:
 
     def start(self, timeout: float = 60.0) -> OperatorProcess:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        command = operator_command(self.kubeconfig, self.metrics_port, self.health_port, self.extra_args)
+        command = operator_command(client_kubeconfig(self.kubeconfig, "operator"), self.metrics_port, self.health_port,
+                                   self.extra_args)
         with self.log_file.open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                             env=operator_env(self.env))

@@ -13,6 +13,8 @@ operator's scraper sees exactly what real engines would show.
 ``POST http://127.0.0.1:<admin-port>/mode/busy`` (or ``/mode/idle``) switches the mode;
 ``GET /engines`` lists the served addresses; ``PUT /engines/<podIP>/load`` with a JSON object of gauge
 names and values (``{"vllm:num_requests_waiting": 40}``) sets what one engine reports, ``DELETE`` drops that.
+``PUT /engines/<podIP>/fault`` with ``{"fault": "garbage"}`` (a /metrics body no parser reads), ``"hang"`` (a
+/metrics that never answers) or ``"dead"`` (the engine stops listening) breaks one engine; ``DELETE`` mends it.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class Engines:
         self._streaming: dict[str, set[asyncio.BaseTransport]] = {}  # pod IP -> connections streaming now
         self.body = body
         self.gauges: dict[str, dict[str, float]] = {}  # pod IP -> gauges a test set
+        self.faults: dict[str, str] = {}  # pod IP -> how a test broke its /metrics ("garbage" or "hang")
         self.busy = mode == "busy"
         self._busy_seconds = 0.0
         self._busy_since = time.monotonic()
@@ -139,6 +142,11 @@ class Engines:
             return web.Response(text="")
 
         async def metrics(request: web.Request) -> web.Response:
+            ip = self._engine_ip(request)
+            while self.faults.get(ip) == "hang":  # until mended, so that hung requests do not pile up
+                await asyncio.sleep(0.5)
+            if self.faults.get(ip) == "garbage":
+                return web.Response(text="vllm:num_requests_running{model_name= 1 2 3\n\x00\x01", content_type="text/plain")
             text = self.body.render(self.busy_seconds())
             gauges = self.gauges.get(request.transport.get_extra_info("sockname")[0]) if request.transport else None
             return web.Response(text=with_gauges(text, gauges) if gauges else text, content_type="text/plain")
@@ -283,7 +291,26 @@ async def main(args: argparse.Namespace) -> None:
         engines.gauges.pop(request.match_info["ip"], None)
         return web.json_response({})
 
+    async def set_fault(request: web.Request) -> web.Response:
+        fault = (await request.json()).get("fault")
+        if fault not in ("garbage", "hang", "dead"):
+            raise web.HTTPBadRequest(text='{"fault": "garbage", "hang" or "dead"}')
+        ip = request.match_info["ip"]
+        if fault == "dead":
+            await engines.kill(ip)
+        else:
+            engines.faults[ip] = fault
+        return web.json_response({"fault": fault})
+
+    async def drop_fault(request: web.Request) -> web.Response:
+        ip = request.match_info["ip"]
+        if engines.faults.pop(ip, None) is None:
+            await engines.serve(ip)  # a dead engine comes back, as a restarted container would
+        return web.json_response({})
+
     admin.router.add_post("/mode/{mode}", set_mode)
+    admin.router.add_put("/engines/{ip}/fault", set_fault)
+    admin.router.add_delete("/engines/{ip}/fault", drop_fault)
     admin.router.add_get("/engines", listing)
     admin.router.add_put("/engines/{ip}/load", set_load)
     admin.router.add_delete("/engines/{ip}/load", drop_load)

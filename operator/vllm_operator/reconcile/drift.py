@@ -42,6 +42,11 @@ def matches(want: Any, have: Any, path: str = "") -> bool:
         if path.endswith("metadata.ownerReferences"):
             # Other owners may be listed too; ours must be among them.
             return all(any(matches(w, h) for h in have) for w in want)
+        if want and all(isinstance(w, dict) and "name" in w for w in want):
+            # A list merged by name (containers, env, volumes, ports): an entry another manager added survives
+            # every apply of ours, so it is no drift; each of ours must be there as we set it.
+            by_name = {h.get("name"): h for h in have if isinstance(h, dict)}
+            return all(w["name"] in by_name and matches(w, by_name[w["name"]], path) for w in want)
         return len(want) == len(have) and all(matches(w, h, path) for w, h in zip(want, have))
     return _same_scalar(want, have)
 
