@@ -181,9 +181,11 @@ def test_a_long_scrape_interval_still_averages_two_scrapes() -> None:
 
 def test_no_samples_keep_the_count() -> None:
     scaler = Autoscaler(autoscaling(minReplicas=0, behavior={"scaleToZeroAfterSeconds": 60}))
-    assert scaler.decide(0, 0, 0) == Decision(0, "no replica is serving, so there is no load to measure: keeping 0", {}, 0)
+    assert scaler.decide(0, 0, 0) == Decision(0, "no replica is serving, so there is no load to measure: keeping 0", {}, 0,
+                                              measured=False)
     scaler.observe(sample(10, ready=0))
-    assert scaler.decide(3, 3, 10).desired == 3
+    kept = scaler.decide(3, 3, 10)
+    assert kept.desired == 3 and not kept.measured, "a scrape that found no serving replica measured no load"
 
 
 def test_a_restart_does_not_scale_down_on_one_window() -> None:

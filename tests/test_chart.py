@@ -42,7 +42,7 @@ Obj = dict[str, Any]
 
 # What the operator may do, rule by rule; any widening of the chart must change this table.
 RULES: list[Obj] = [
-    {"apiGroups": ["llm.vllm-operator.io"], "resources": ["llmdeployments"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["llm.vllm-operator.io"], "resources": ["llmdeployments"], "verbs": ["list", "watch"]},
     {"apiGroups": ["llm.vllm-operator.io"], "resources": ["llmdeployments/status"], "verbs": ["patch"]},
     {"apiGroups": ["llm.vllm-operator.io"], "resources": ["llmdeployments/scale"], "verbs": ["patch"]},
     {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"], "verbs": ["list"]},
@@ -51,10 +51,10 @@ RULES: list[Obj] = [
     {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": [""], "resources": ["persistentvolumeclaims"],
      "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
-    {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list", "watch"]},
     {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"],
      "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "patch"]},

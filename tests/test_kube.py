@@ -5,6 +5,7 @@ apiserver on 127.0.0.1 plays the answers; Event aggregation runs against the loc
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 import time
 import uuid
@@ -23,7 +24,7 @@ from devcluster.pytest_plugin import Cluster
 from vllm_operator import cli, kubeconfig
 from vllm_operator.handlers import RunOptions
 from vllm_operator.kube import (
-    RETRY_AFTER_CAP, RETRY_ATTEMPTS, Credentials, EventLog, Kube, KubeError, TokenBucket, retry_delay,
+    RETRY_AFTER_CAP, RETRY_ATTEMPTS, Credentials, EventLog, Kube, KubeError, TokenBucket, retry_delay, yaml_safe_json,
 )
 
 Answer = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
@@ -357,8 +358,9 @@ def test_the_same_event_three_times_is_one_event_counted_three_times(cluster: Cl
 
 @pytest.mark.cluster
 def test_server_side_apply_keeps_characters_beyond_the_basic_plane(cluster: Cluster, namespace: str) -> None:
-    # An apply body is parsed as YAML, which refuses the \ud83e\udd99 surrogate pair JSON would escape the llama to.
-    text = "llama \U0001f999, naïve 模型"
+    # An apply body is parsed as YAML, which refuses the \ud83e\udd99 surrogate pair JSON would escape the llama to,
+    # and C1 controls raw, and reads NEL and U+2028 raw as line breaks.
+    text = "llama \U0001f999, naïve 模型, \x85\x9f\x7f\u2028\ufffe end"
     manifest = {"apiVersion": "v1", "kind": "ConfigMap",
                 "metadata": {"name": "unicode", "namespace": namespace, "annotations": {"note": text}},
                 "data": {"prompt": text}}
@@ -373,3 +375,10 @@ def test_server_side_apply_keeps_characters_beyond_the_basic_plane(cluster: Clus
 
     stored = asyncio.run(body())
     assert stored["data"]["prompt"] == text and stored["metadata"]["annotations"]["note"] == text
+
+
+@pytest.mark.parametrize("text", ["llama \U0001f999", "naïve 模型", "\x00\x1f\x7f\x85\x9f\xa0", "\u2028\u2029\ufffe\uffff"])
+def test_request_bodies_are_json_that_yaml_reads_back_unchanged(text: str) -> None:
+    body = {"metadata": {"annotations": {"note": text}}, "data": {text: text}}
+    encoded = yaml_safe_json(body)
+    assert json.loads(encoded) == body and yaml.safe_load(encoded) == body

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import ssl
 import time
 import uuid
@@ -228,6 +229,20 @@ class _Answer:
         return payload
 
 
+# Characters JSON leaves raw that YAML does not read back as themselves: DEL, the C1 controls and the two BMP
+# non-characters it refuses, and NEL and the Unicode line and paragraph separators, which it reads as line breaks.
+_YAML_UNPRINTABLE = re.compile(r"[\x7f-\x9f\u2028\u2029\ufffe\uffff]")
+
+
+def yaml_safe_json(body: Any) -> str:
+    """``body`` as JSON that is also YAML the apiserver accepts: server-side apply parses its body as YAML.
+
+    Characters go as UTF-8, not ``\\u`` escapes, since YAML refuses the surrogate-pair escapes JSON uses beyond the
+    BMP (an emoji in an env value); those YAML would refuse or change raw are escaped, which it reads within the BMP
+    (both found by the API fuzzer)."""
+    return _YAML_UNPRINTABLE.sub(lambda found: f"\\u{ord(found.group()):04x}", json.dumps(body, ensure_ascii=False))
+
+
 class Kube:
     def __init__(self, credentials: Credentials, max_connections: int = DEFAULT_CONNECTIONS,
                  qps: float | None = None, burst: int | None = None) -> None:
@@ -295,9 +310,7 @@ class Kube:
     async def _exchange(self, method: str, path: str, body: Any, params: Mapping[str, str] | None,
                         content_type: str) -> _Answer:
         """One request, retried where the apiserver asks for it; the last answer."""
-        # Characters as UTF-8, not \u escapes: server-side apply reads the body as YAML, whose parser refuses the
-        # surrogate-pair escapes JSON uses for characters beyond the BMP (an emoji in an env value; the fuzzer's find).
-        data = None if body is None else json.dumps(body, ensure_ascii=False).encode()
+        data = None if body is None else yaml_safe_json(body).encode()
         attempts, reloaded = 0, False
         while True:
             credentials = self._credentials

@@ -60,13 +60,14 @@ exist once per scope (RBAC) range over it. Returned as JSON; read with fromJsonA
 {{/*
 The operator's permissions, the same in a namespace (Role) and cluster-wide (ClusterRole).
 Children are written by server-side apply: a PATCH, which needs `create` too when the object
-does not exist yet. Reads are watches (kopf) and never need more than get/list/watch.
+does not exist yet. Reads are watches (kopf), and a get of a child the watch has not shown yet;
+the apiserver's audit log of the whole test suite shows no other read (tests/test_security.py).
 */}}
 {{- define "vllm-operator.rules" -}}
 # Watched; the operator writes only the status subresource.
 - apiGroups: [llm.vllm-operator.io]
   resources: [llmdeployments]
-  verbs: [get, list, watch]
+  verbs: [list, watch]
 - apiGroups: [llm.vllm-operator.io]
   resources: [llmdeployments/status]
   verbs: [patch]
@@ -99,7 +100,7 @@ does not exist yet. Reads are watches (kopf) and never need more than get/list/w
 # ReplicaSets are only read, to tell the engine Deployment's Pods from others with its label.
 - apiGroups: [apps]
   resources: [replicasets]
-  verbs: [get, list, watch]
+  verbs: [list, watch]
 # The disruption budget is deleted when an LLMDeployment scales below 2 replicas.
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
@@ -108,7 +109,7 @@ does not exist yet. Reads are watches (kopf) and never need more than get/list/w
 # termination message is the benchmark's result, a model puller Pod's the outcome of its download.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
+  verbs: [list, watch]
 # The log of an engine that is starting names its stage (status.startup): read only until it is Ready.
 - apiGroups: [""]
   resources: [pods/log]

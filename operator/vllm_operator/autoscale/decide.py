@@ -59,6 +59,7 @@ class Decision:
     reason: str  # a sentence for Events and status, e.g. "requestsPerReplica 42.0 asks for 3 ...: 1 -> 3"
     metrics: dict[str, float]  # metric -> the windowed value used, as status.engine shows it
     current: int | None = None  # the spec.replicas it was decided for (set by Autoscaler.decide)
+    measured: bool = True  # False while no load was measured: keeping the count then is no opinion of it
 
 
 # Each metric as the engines report it (and status.engine shows it).
@@ -147,7 +148,7 @@ class Autoscaler:
         if not window:
             self._remember(now, current)
             return Decision(current, f"no replica is serving, so there is no load to measure: keeping {current}",
-                            metrics)
+                            metrics, measured=False)
 
         if not self._recommendations:
             self._recommendations.append((now, current))  # what the count was before we watched

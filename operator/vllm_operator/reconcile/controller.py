@@ -397,8 +397,10 @@ class Controller:
         if decision is None:
             return False
         if decision.desired == spec.replicas:
-            # The autoscaler agrees with the count, whoever set it: a wake-up from zero is not overruled later.
-            self._replicas_known[key] = spec.replicas
+            if decision.measured:
+                # The autoscaler agrees with the count, whoever set it: a wake-up from zero is not overruled later.
+                # Before any load was measured it has no opinion, and a kubectl scale then is still overruled.
+                self._replicas_known[key] = spec.replicas
             return False
         self.autoscaler_conflicts.pop(key, None)
         if conflict := await self._other_autoscaler(key):
