@@ -473,7 +473,8 @@ class Controller:
                                   "metrics": dict(shown.metrics)}
         if last is not None:
             status["lastScaleTime"] = last.at
-        return api.AutoscalingStatus.model_validate(status).model_dump(by_alias=True, exclude_none=True)
+        # No empty metrics map: server-side apply takes {} for null there, which the schema refuses.
+        return api.AutoscalingStatus.model_validate(status).model_dump(by_alias=True, exclude_defaults=True)
 
     def _autoscale(self, key: Key, stats: EngineStats | None) -> None:
         """Feed one scrape to the LLMDeployment's autoscaler; a new decision brings a reconcile."""
