@@ -59,9 +59,10 @@ def test_a_queue_building_up_adds_replicas(operator: OperatorProcess, cluster: C
     wait_for("4 replicas for 40 waiting requests at 10 each", lambda: (
         set_loads(cluster, namespace, busy) and replicas(cluster, namespace) == 4), 120, 1)
     obj = llmd.get(cluster.api_client, namespace, NAME)
-    scaling = wait_for("status.autoscaling", lambda: (
+    # The status follows the scale-up's steps (1 -> 2 -> 4, or through 3) a write behind.
+    scaling = wait_for("status.autoscaling of the last step", lambda: (
         (o := llmd.get(cluster.api_client, namespace, NAME)) and (o["status"].get("autoscaling") or {}).get(
-            "lastScaleTime") and o), 30)["status"]["autoscaling"]
+            "lastScaleTime") and o["status"]["autoscaling"]["desiredReplicas"] == 4 and o), 30)["status"]["autoscaling"]
     assert scaling["desiredReplicas"] == 4, scaling
     assert "waitingRequests" in scaling["reason"], scaling
     assert obj is not None and apps(cluster).read_namespaced_deployment(NAME, namespace).spec.replicas == 4
