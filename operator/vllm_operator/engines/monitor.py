@@ -97,7 +97,8 @@ class EngineMonitor:
         for key in {key for key, _ in self._read} - set(starting):
             self.controller.update_startup(key, {})  # all its replicas started, or went
         replicas = [(key, pod) for key, pods in starting.items() for pod in pods]
-        self._read = {replica: read for replica, read in self._read.items() if replica in set(replicas)}
+        current = set(replicas)
+        self._read = {replica: read for replica, read in self._read.items() if replica in current}
         due = sorted(replicas, key=lambda replica: self._read.get(replica, (float("-inf"), ""))[0])
         due = due[:LOG_READS_PER_SWEEP]
         texts = await asyncio.gather(*(self._log(key, pod) for key, pod in due))

@@ -44,7 +44,6 @@ from vllm_operator.reconcile.writes import Change, WriteBudget, classify, figure
 from vllm_operator.render.engine_args import ENGINE_PORT, served_model_name
 from vllm_operator.render.manifests import (
     SELECTOR_LABEL,
-    STARTUP_PROBE_BUDGET_SECONDS,
     ChildKey,
     Manifest,
     Owner,
@@ -287,7 +286,7 @@ class Controller:
         # Until the model is in the cache, the engine Deployment is neither created nor changed: engines that
         # serve an earlier model keep serving it meanwhile.
         budget = startup_budget_seconds(spec, verdict.capacity.weight_bytes_per_device) if isinstance(verdict, Fits) \
-            else live_startup_budget(self._deployment(key)) or STARTUP_PROBE_BUDGET_SECONDS
+            else live_startup_budget(self._deployment(key)) or startup_budget_seconds(spec, None)
         synced = await self._sync_children(key, body, spec, owner, budget,
                                            hold_engines=pulled is not None and not pulled.ready)
         if pulled is not None and not pulled.ready and pulled.failure is None and pulled.conflict is None:
