@@ -13,13 +13,14 @@ from typing import Any
 
 import openai
 import pytest
+from kubernetes import client
 
 import llmd
 from devcluster.operatorproc import OperatorProcess
 from devcluster.prefill import prefill_model_cache
 from devcluster.pytest_plugin import Cluster, wait_for
 from test_gateway import GatewayProcess
-from vllm_operator.engines.metrics import parse_sample
+from vllm_operator.engines.metrics import EngineSample, parse_sample
 
 pytestmark = [pytest.mark.cluster, pytest.mark.engine]
 
@@ -28,6 +29,8 @@ LOAD_TIMEOUT = 420
 # Two replicas load side by side, on the same cores.
 PAIR_LOAD_TIMEOUT = 2 * LOAD_TIMEOUT
 NAME = "tiny"
+# The tiny model's whole context: long enough that a stream outlasts the kill on a fast machine.
+MAX_MODEL_LEN = 2048
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +39,7 @@ def served(operator: OperatorProcess, cluster: Cluster) -> Iterator[str]:
     pair = llmd.example("cpu-tiny")
     pair["spec"]["replicas"] = 2
     pair["spec"]["cache"]["accessMode"] = "ReadWriteMany"
+    pair["spec"]["engine"]["maxModelLen"] = MAX_MODEL_LEN
     with llmd.serving(cluster.api_client, "t-gateway-engine", pair, PAIR_LOAD_TIMEOUT) as namespace:
         yield namespace
 
@@ -56,18 +60,30 @@ def test_one_client_chats_with_real_vllm_streamed_and_not(gateway: GatewayProces
     answer = openai_client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hello"}],
                                                    max_tokens=8, extra_body={"ignore_eos": True})
     assert answer.usage is not None and answer.usage.completion_tokens == 8
-    pieces = [chunk.choices[0].delta.content or "" for chunk in openai_client.chat.completions.create(
+    # Tokens that end inside a UTF-8 character reach the client joined with the next, so chunks are not tokens.
+    chunks = list(openai_client.chat.completions.create(
         model=NAME, messages=[{"role": "user", "content": "Hello"}], max_tokens=8, stream=True,
-        extra_body={"ignore_eos": True}) if chunk.choices]
-    assert len(pieces) >= 8 and "".join(pieces)
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
+
+
+def route_by(cluster: Cluster, namespace: str, openai_client: openai.OpenAI, strategy: str) -> None:
+    llmd.patch_spec(cluster.api_client, namespace, NAME, {"routing": {"strategy": strategy}})
+    wait_for(f"the gateway routing by {strategy}", lambda: next(
+        m for m in openai_client.models.list() if m.id == NAME).model_extra["routing"] == strategy, 20)
+
+
+def engine_sample(pod: client.V1Pod) -> EngineSample:
+    with urllib.request.urlopen(f"http://{pod.status.pod_ip}:8000/metrics", timeout=10) as answer:
+        return parse_sample(answer.read().decode(), 0.0)
 
 
 def prefix_cache(cluster: Cluster, namespace: str) -> tuple[float, float]:
     """(hits, queries) of the prefix cache, in tokens, summed over the tiny model's engines."""
     hits = queries = 0.0
     for pod in llmd.owned_pods(cluster.api_client, namespace, NAME):
-        with urllib.request.urlopen(f"http://{pod.status.pod_ip}:8000/metrics", timeout=10) as answer:
-            sample = parse_sample(answer.read().decode(), 0.0)
+        sample = engine_sample(pod)
         hits += sample.prefix_cache_hits.value
         queries += sample.prefix_cache_queries.value
     return hits, queries
@@ -78,9 +94,7 @@ def test_prefix_hash_finds_more_of_a_shared_prompt_in_cache_than_least_load(
     openai_client = gateway.client(timeout=120)
     hit_percent: dict[str, float] = {}
     for strategy in ("LeastLoad", "PrefixHash"):
-        llmd.patch_spec(cluster.api_client, served, NAME, {"routing": {"strategy": strategy}})
-        wait_for(f"the gateway routing by {strategy}", lambda: next(
-            m for m in openai_client.models.list() if m.id == NAME).model_extra["routing"] == strategy, 20)
+        route_by(cluster, served, openai_client, strategy)
         hits, queries = prefix_cache(cluster, served)
         # Seven teams, each with its own system prompt, ask four questions each, the teams taking turns.
         for question in range(4):
@@ -114,14 +128,18 @@ def test_a_request_wakes_a_real_model_from_zero(cluster: Cluster, served: str, g
 def test_an_engine_killed_mid_stream_ends_the_stream_with_an_error_and_the_other_serves_on(
         cluster: Cluster, served: str, gateway: GatewayProcess) -> None:
     openai_client = gateway.client(timeout=60)
-    doomed = llmd.owned_pods(cluster.api_client, served, NAME)[0]
+    route_by(cluster, served, openai_client, "LeastLoad")
     # Six long streams at once, which LeastLoad spreads over both replicas: each engine decodes a batch of three,
     # so their answers take seconds, and the kill falls in the middle of those on the doomed one.
     streams = [iter(openai_client.chat.completions.create(
-        model=NAME, messages=[{"role": "user", "content": f"Tell me a long story, {i}."}], max_tokens=480,
-        stream=True, extra_body={"ignore_eos": True})) for i in range(6)]
+        model=NAME, messages=[{"role": "user", "content": f"Tell me a long story, {i}."}],
+        max_tokens=MAX_MODEL_LEN - 64, stream=True, extra_body={"ignore_eos": True})) for i in range(6)]
     for stream in streams:
         next(stream)
+    running = {pod.metadata.name: engine_sample(pod).requests_running
+               for pod in llmd.owned_pods(cluster.api_client, served, NAME)}
+    assert len(running) == 2 and all(running.values()), running
+    doomed = llmd.owned_pods(cluster.api_client, served, NAME)[0]
     os.kill(int(doomed.status.container_statuses[0].container_id.removeprefix("localruntime://")), signal.SIGKILL)
 
     def outcome(stream: Iterator[Any]) -> str:
