@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +96,11 @@ def owned_pods(api_client: client.ApiClient, namespace: str, name: str) -> list[
 
 
 @contextlib.contextmanager
-def serving(api_client: client.ApiClient, prefix: str, manifest: Obj, timeout: float) -> Iterator[str]:
+def serving(api_client: client.ApiClient, prefix: str, manifest: Obj, timeout: float,
+            prepare: Callable[[str], None] | None = None) -> Iterator[str]:
     """A namespace of its own where ``manifest`` (the tiny model on real vLLM, its cache claim pre-filled as a
-    download would) is Ready; deleted afterwards."""
+    download would) is Ready; deleted afterwards. ``prepare`` puts what the manifest refers to in the namespace
+    first."""
     if not engine.engine_ready() or engine.model_snapshot() is None:
         raise RuntimeError("the engine venv or the tiny model is missing; `make test` builds them")
     namespace = f"{prefix}-{uuid.uuid4().hex[:6]}"
@@ -106,6 +108,8 @@ def serving(api_client: client.ApiClient, prefix: str, manifest: Obj, timeout: f
     core.create_namespace({"metadata": {"name": namespace}})
     try:
         wait_for("the default ServiceAccount", lambda: core.list_namespaced_service_account(namespace).items, 30)
+        if prepare is not None:
+            prepare(namespace)
         create(api_client, namespace, manifest)
         prefill_model_cache(api_client, namespace, manifest["metadata"]["name"])
         wait_phase(api_client, namespace, manifest["metadata"]["name"], "Ready", timeout)

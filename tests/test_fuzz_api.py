@@ -294,12 +294,18 @@ def specs(draw: st.DrawFn, wrong: bool = True) -> Obj:
 
 # -- verdicts ---------------------------------------------------------------------------------------------------
 
+FUZZ_NAME = "fuzz"  # metadata.name of every sample
+
+
 def pydantic_verdict(spec: Obj) -> tuple[bool, str]:
-    """(accepted, refusal) from the models; any exception but ValidationError is a crash and propagates."""
+    """(accepted, refusal) from the models, and the twin of the rule on the whole object (an adapter named like
+    the object); any exception but ValidationError is a crash and propagates."""
     try:
-        api.LLMDeploymentSpec.model_validate(copy.deepcopy(spec))
+        parsed = api.LLMDeploymentSpec.model_validate(copy.deepcopy(spec))
     except ValidationError as error:
         return False, describe_validation_error(error)
+    if clash := api.adapter_name_clash(parsed, FUZZ_NAME):
+        return False, clash
     return True, ""
 
 
@@ -309,7 +315,7 @@ def manifest(name: str, spec: Obj) -> Obj:
 
 def _dry_run_create(api_client: client.ApiClient, namespace: str, spec: Obj) -> Obj:
     created: Obj = client.CustomObjectsApi(api_client).create_namespaced_custom_object(
-        api.GROUP, api.VERSION, namespace, api.PLURAL, manifest("fuzz", spec), dry_run="All",
+        api.GROUP, api.VERSION, namespace, api.PLURAL, manifest(FUZZ_NAME, spec), dry_run="All",
         field_validation="Strict", _request_timeout=(5, 30))
     return created
 

@@ -15,7 +15,7 @@ from vllm_operator.gateway.routing import (
     prompt_prefix,
     resolve,
 )
-from vllm_operator.gateway.watch import ready_address, served_from
+from vllm_operator.gateway.watch import model_index, ready_address, served_from
 
 REPLICAS = ["tiny-0", "tiny-1", "tiny-2", "tiny-3"]
 
@@ -115,6 +115,25 @@ def test_an_llmdeployment_routes_by_its_served_name_strategy_key_and_load() -> N
     assert (served.waiting, served.kv_cache_percent, served.phase) == (4, 55.5, "Idle")
     plain = served_from({"metadata": {"namespace": "n", "name": "tiny"}, "spec": {"model": {"name": "m"}}})
     assert (plain.model, plain.replicas, plain.strategy, plain.api_key_ref) == ("tiny", 1, "LeastLoad", None)
+
+
+def test_loaded_adapters_route_to_their_llmdeployment_and_a_served_name_wins_over_an_adapter() -> None:
+    def llmd(name: str, created: str, adapters: list[tuple[str, int]]) -> dict[str, object]:
+        return {"metadata": {"namespace": "n", "name": name, "creationTimestamp": created},
+                "spec": {"model": {"name": "m"}, "adapters": [{"name": a, "source": f"file:///{a}"}
+                                                               for a, _ in adapters]},
+                "status": {"adapters": [{"name": a, "state": "Loaded" if loaded else "Failed",
+                                         "loadedReplicas": loaded, "replicas": 1} for a, loaded in adapters]}}
+
+    tiny = served_from(llmd("tiny", "2026-01-01T00:00:00Z", [("sql", 1), ("huge", 0), ("chat", 1)]))
+    chat = served_from(llmd("chat", "2026-02-01T00:00:00Z", [("sql", 1)]))
+    assert tiny.adapters == ("sql", "chat")
+    index = model_index([chat, tiny])
+    assert {name: served.name for name, served in index.items()} == {"tiny": "tiny", "chat": "chat", "sql": "tiny"}
+    # An adapter in the status but no longer in the spec is on its way out: not routed.
+    gone = llmd("tiny", "2026-01-01T00:00:00Z", [("sql", 1)])
+    gone["spec"] = {"model": {"name": "m"}}
+    assert served_from(gone).adapters == ()
 
 
 def test_only_ready_pods_that_stay_have_an_address() -> None:

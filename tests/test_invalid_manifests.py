@@ -90,7 +90,37 @@ CATALOG: list[tuple[str, dict[str, Any], str]] = [
      "Unsupported value"),
     ("openvino-on-nvidia", {"spec.engine.backend": "openvino"}, "runs on accelerator types cpu and intel-gpu only"),
     ("openvino-lora", {"spec.accelerator": {"type": "cpu"}, "spec.engine": {
-        "backend": "openvino", "extraArgs": ["--enable-lora", "--max-loras=2"]}}, "does not support LoRA"),
+        "backend": "openvino", "maxLoras": 2}}, "does not support LoRA"),
+    ("openvino-adapters", {"spec.accelerator": {"type": "cpu"}, "spec.engine": {"backend": "openvino"},
+                           "spec.adapters": [{"name": "sql", "source": "file:///a/sql"}]}, "does not support LoRA"),
+    ("lora-flag-in-extra-args", {"spec.engine.extraArgs": ["--enable-lora"]}, "use the spec fields"),
+    ("lora-modules-in-extra-args", {"spec.engine.extraArgs": ["--lora-modules", "sql=/a/sql"]}, "use the spec fields"),
+    ("adapter-of-unknown-source", {"spec.adapters": [{"name": "sql", "source": "s3://bucket/sql"}]},
+     "adapters[].source must be"),
+    ("adapter-from-hub-form", {"spec.adapters": [{"name": "sql", "source": "org/sql-lora"}]},
+     "adapters[].source must be"),
+    ("adapter-climbing-out", {"spec.adapters": [{"name": "sql", "source": "pvc://weights/../../etc"}]},
+     "without '..'"),
+    ("adapter-revision-off-the-hub", {"spec.adapters": [{"name": "sql", "source": "file:///a/sql", "revision": "v2"}]},
+     "applies to adapters from the hub"),
+    ("hub-adapter-without-cache", {"spec.cache.enabled": False,
+                                   "spec.adapters": [{"name": "sql", "source": "hf://org/sql-lora"}]},
+     "need the cache"),
+    ("adapter-claim-root", {"spec.adapters": [{"name": "sql", "source": "pvc://weights"}]},
+     "adapters[].source must be"),
+    ("adapter-with-space", {"spec.adapters": [{"name": "sql", "source": "file:///a/my sql"}]}, "should match"),
+    ("adapter-name-with-space", {"spec.adapters": [{"name": "my sql", "source": "file:///a/sql"}]}, "should match"),
+    ("adapter-twice", {"spec.adapters": [{"name": "sql", "source": "file:///a/sql"},
+                                         {"name": "sql", "source": "file:///b/sql"}]}, "Duplicate value"),
+    ("adapter-takes-served-name", {"spec.model.servedName": "chat",
+                                   "spec.adapters": [{"name": "chat", "source": "file:///a/chat"}]},
+     "may not take the model's served name"),
+    ("adapters-beyond-default-max-loras", {"spec.adapters": [
+        {"name": f"a{i}", "source": f"file:///a/{i}"} for i in range(api.DEFAULT_MAX_LORAS + 1)]},
+     "raise engine.maxLoras"),
+    ("adapters-beyond-max-loras", {"spec.engine.maxLoras": 1, "spec.adapters": [
+        {"name": "a", "source": "file:///a"}, {"name": "b", "source": "file:///b"}]}, "raise engine.maxLoras"),
+    ("lora-rank-not-vllms", {"spec.engine.maxLoraRank": 24}, "Unsupported value"),
     ("openvino-tensor-parallel", {"spec.accelerator": {"type": "intel-gpu", "count": 2},
                                   "spec.engine.backend": "openvino"}, "does not support tensor or pipeline"),
     ("openvino-tp-on-cpu", {"spec.accelerator": {"type": "cpu"}, "spec.engine": {
@@ -156,7 +186,13 @@ ACCEPTED: list[tuple[str, dict[str, Any]]] = [
     ("openvino-on-cpu-every-field", {"spec.accelerator": {"type": "cpu"}, "spec.engine": {
         "backend": "openvino", "openvino": {"kvCacheSpaceGiB": 100, "kvCachePrecision": "u8",
                                             "enableQuantizedWeights": True},
-        "enableChunkedPrefill": True, "maxNumBatchedTokens": 256, "extraArgs": ["--no-enable-lora"]}}),
+        "enableChunkedPrefill": True, "maxNumBatchedTokens": 256}}),
+    ("adapters-every-form", {"spec.engine": {"maxLoras": 3, "maxLoraRank": 64}, "spec.adapters": [
+        {"name": "sql-v2", "source": "pvc://lora-weights/sql/v2"}, {"name": "org/chat.v1:latest",
+                                                                  "source": "file:///opt/adapters/chat"},
+        {"name": "bad-not-served", "source": "pvc://weights/a"}]}),
+    ("adapters-from-the-hub", {"spec.adapters": [{"name": "sql", "source": "hf://org/sql-lora", "revision": "v1.2"},
+                                                 {"name": "chat", "source": "hf://chat-lora"}]}),
     ("patterns-with-dots-and-folders", {"spec.model.allowPatterns": ["*.json", "onnx/..model.*", "sub/*.safetensors"],
                                         "spec.model.ignorePatterns": ["original/*", "*..bin"]}),
     ("labels-of-every-form", {
@@ -223,6 +259,18 @@ def test_apiserver_refuses(crd_installed: None, cluster: Any, namespace: str, ca
         )
     assert refused.value.status == 422, refused.value.body
     assert words in refused.value.body, refused.value.body
+
+
+@pytest.mark.cluster
+def test_apiserver_refuses_an_adapter_named_like_the_object(crd_installed: None, cluster: Any, namespace: str) -> None:
+    """Without model.servedName the served name is metadata.name, which only a rule on the whole object sees; the
+    operator's twin is api.adapter_name_clash, given the name."""
+    body = _manifest({"spec.adapters": [{"name": "bad", "source": "file:///a/bad"}]})
+    assert api.adapter_name_clash(api.LLMDeploymentSpec.model_validate(body["spec"]), "bad")
+    with pytest.raises(ApiException) as refused:
+        client.CustomObjectsApi(cluster.api_client).create_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, body)
+    assert api.ADAPTER_CLASH_MESSAGE in refused.value.body
 
 
 @pytest.mark.cluster

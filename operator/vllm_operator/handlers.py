@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY, start_http_server
 
 from vllm_operator import api, kubeconfig, observability
 from vllm_operator.engines.export import EngineLoadCollector
+from vllm_operator.adapters.sync import AdapterSync
 from vllm_operator.engines.monitor import EngineMonitor
 from vllm_operator.engines.startup import LOG_LIMIT_BYTES, LOG_TAIL_LINES
 from vllm_operator.kube import Credentials, Kube
@@ -169,6 +170,7 @@ async def _work(controller: Controller) -> None:
     monitor = EngineMonitor(controller, OPTIONS.scrape_interval, OPTIONS.scrape_timeout, OPTIONS.scrape_concurrency,
                             logs=lambda namespace, pod: kube.pod_log(namespace, pod, ENGINE_CONTAINER,
                                                                      LOG_TAIL_LINES, LOG_LIMIT_BYTES))
+    adapters = AdapterSync(controller, kube, OPTIONS.scrape_interval)
     controller.resync()
     observability.LEADER.set(1)
     try:
@@ -176,10 +178,12 @@ async def _work(controller: Controller) -> None:
         async with asyncio.TaskGroup() as group:
             group.create_task(controller.run_workers(OPTIONS.workers))
             group.create_task(monitor.run())
+            group.create_task(adapters.run())
     finally:
         observability.term_ended()
         controller.forget_term()
         await monitor.close()
+        await adapters.close()
 
 
 @kopf.on.probe(id="work")

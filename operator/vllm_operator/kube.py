@@ -55,6 +55,8 @@ RESOURCES: Mapping[str, tuple[str, str]] = {
     api.KIND: (f"/apis/{api.GROUP}/{api.VERSION}", api.PLURAL),
     "Event": ("/api/v1", "events"),
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
+    "Pod": ("/api/v1", "pods"),
+    "Secret": ("/api/v1", "secrets"),
 }
 
 
@@ -290,7 +292,8 @@ class Kube:
                 return _Answer(response.status, await response.text(), response.reason or "",
                                response.headers.get("Retry-After"))
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise KubeError(0, f"{method} {path}: {exc or type(exc).__name__}") from exc
+            # A timeout's text is empty: its type is then the explanation.
+            raise KubeError(0, f"{method} {path}: {str(exc) or type(exc).__name__}") from exc
 
     async def request(
         self, method: str, path: str, body: Any = None, params: Mapping[str, str] | None = None,
@@ -398,7 +401,7 @@ class Kube:
                     if line.strip():
                         yield json.loads(line)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise KubeError(0, f"watch {path}: {exc or type(exc).__name__}") from exc
+            raise KubeError(0, f"watch {path}: {str(exc) or type(exc).__name__}") from exc
 
     async def post_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         """Record an Event; the same one again within the window counts up on the Event already posted."""

@@ -31,6 +31,10 @@ STATUS_WRITES_DEFERRED = Counter(
 STATUS_WRITES_WAITING = Gauge(
     "vllm_operator_status_writes_waiting", "LLMDeployments waiting for the write budget to write their figures."
 )
+ADAPTER_CHANGES = Counter(
+    "vllm_operator_adapter_changes_total",
+    "LoRA adapters loaded into or unloaded from engines, and loads an engine refused.", ["action"],
+)
 LEADER = Gauge("vllm_operator_leader", "1 while this replica reconciles and scrapes (leads), 0 while it stands by.")
 
 _phases: dict[tuple[str, str], str] = {}

@@ -114,6 +114,16 @@ the apiserver's audit log of the whole test suite shows no other read (tests/tes
 - apiGroups: [""]
   resources: [pods/log]
   verbs: [get]
+# With LoRA on, an engine Pod's readiness gate (llm.vllm-operator.io/adapters-loaded) is opened once its
+# engine has every adapter of spec.adapters (docs/adapters.md).
+- apiGroups: [""]
+  resources: [pods/status]
+  verbs: [patch]
+# The API key of engines with spec.apiKeySecretRef and LoRA on: adapters are loaded through the engines' API,
+# which asks for it. Only the Secret the spec names is read.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get]
 # Serving benchmarks run as Jobs, deleted once their result is in the status; so do model downloads
 # (docs/cold-start.md), deleted once a later download replaced them.
 - apiGroups: [batch]

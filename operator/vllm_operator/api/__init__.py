@@ -405,8 +405,10 @@ class OpenVINOSpec(ApiModel):
 
 # The OpenVINO backend's limits (vLLM's OpenVINO installation guide and platform code): one device, float32
 # compute, its own KV cache precision and block size, no LoRA. It would cast, override or ignore these silently.
+# LoRA: how many adapters an engine holds when spec.engine.maxLoras is unset, and the most it may hold.
+DEFAULT_MAX_LORAS = 4
+MAX_ADAPTERS = 256
 IS_OPENVINO = "has(self.backend) && self.backend == 'openvino'"
-OPENVINO_LORA_PATTERN = "^--(enable-lora|lora-modules)(=.*)?$"
 OPENVINO_FIELDS_MESSAGE = "engine.openvino applies only with engine.backend: openvino"
 OPENVINO_DTYPES = ("auto", "float", "float32")
 OPENVINO_DTYPE_MESSAGE = "the OpenVINO backend computes in float32 only: remove engine.dtype or set it to float32"
@@ -416,7 +418,8 @@ OPENVINO_KV_DTYPE_MESSAGE = (
 OPENVINO_BLOCK_SIZE_MESSAGE = (
     "engine.blockSize is not supported by the OpenVINO backend, which picks its own (32 on CPUs, 16 on GPUs)"
 )
-OPENVINO_LORA_MESSAGE = "engine.extraArgs: the OpenVINO backend does not support LoRA (--enable-lora, --lora-modules)"
+OPENVINO_LORA_MESSAGE = "the OpenVINO backend does not support LoRA adapters: remove spec.adapters, engine.maxLoras and " \
+    "engine.maxLoraRank"
 OPENVINO_ACCELERATOR_MESSAGE = "engine.backend openvino runs on accelerator types cpu and intel-gpu only"
 OPENVINO_ONE_DEVICE_MESSAGE = (
     "the OpenVINO backend does not support tensor or pipeline parallelism: accelerator.count, "
@@ -443,9 +446,8 @@ class EngineSpec(ApiModel):
                     f"[{', '.join(repr(d) for d in OPENVINO_DTYPES)}]", OPENVINO_DTYPE_MESSAGE, ".dtype"),
                 cel(f"!({IS_OPENVINO}) || !has(self.kvCacheDtype)", OPENVINO_KV_DTYPE_MESSAGE, ".kvCacheDtype"),
                 cel(f"!({IS_OPENVINO}) || !has(self.blockSize)", OPENVINO_BLOCK_SIZE_MESSAGE, ".blockSize"),
-                cel(f"!({IS_OPENVINO}) || !has(self.extraArgs) || "
-                    f"!self.extraArgs.exists(a, a.matches('{OPENVINO_LORA_PATTERN}'))",
-                    OPENVINO_LORA_MESSAGE, ".extraArgs"),
+                cel(f"!({IS_OPENVINO}) || (!has(self.maxLoras) && !has(self.maxLoraRank))", OPENVINO_LORA_MESSAGE,
+                    ".maxLoras"),
                 cel(
                     "!has(self.maxNumBatchedTokens) || !has(self.maxNumSeqs) || self.maxNumBatchedTokens >= self.maxNumSeqs",
                     "engine.maxNumBatchedTokens must be at least engine.maxNumSeqs",
@@ -522,6 +524,20 @@ class EngineSpec(ApiModel):
         description="KV cache size in GiB for accelerator type cpu (VLLM_CPU_KVCACHE_SPACE). Default: 4.",
         ge=1, le=4096,
     )
+    max_loras: int | None = Field(
+        None,
+        description=(
+            "LoRA adapters an engine holds at once (--max-loras and --max-cpu-loras); spec.adapters may list at most "
+            f"this many. Setting it turns LoRA on even with no adapters listed, so that adding the first one does not "
+            f"restart the engines. Default: {DEFAULT_MAX_LORAS} when spec.adapters lists any."
+        ),
+        ge=1, le=MAX_ADAPTERS,
+    )
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] | None = Field(
+        None,
+        description="Highest rank of a LoRA adapter the engines accept (--max-lora-rank); an adapter of a higher "
+        "rank fails to load and is reported in status.adapters. Default: vLLM's (16).",
+    )
     extra_args: list[Annotated[str, Field(max_length=1024)]] = Field(
         default_factory=list,
         description=(
@@ -579,7 +595,7 @@ class EngineSpec(ApiModel):
                 raise ValueError(OPENVINO_KV_DTYPE_MESSAGE)
             if self.block_size is not None:
                 raise ValueError(OPENVINO_BLOCK_SIZE_MESSAGE)
-            if any(re.fullmatch(OPENVINO_LORA_PATTERN, arg) for arg in self.extra_args):
+            if self.max_loras is not None or self.max_lora_rank is not None:
                 raise ValueError(OPENVINO_LORA_MESSAGE)
         if any(var.name in SECRET_ENV_NAMES and var.value is not None for var in self.env):
             raise ValueError(SECRET_ENV_MESSAGE)
@@ -876,6 +892,72 @@ class AutoscalingSpec(ApiModel):
         return self
 
 
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.:/]*[A-Za-z0-9])?$"
+# The form, in CEL with a message of its own; the OpenAPI pattern adds what CEL cannot spell (no whitespace).
+HF_ADAPTER = "hf://" + HF_REPO_ID_PATTERN[1:-1]
+ADAPTER_SOURCE_FORM = f"^({HF_ADAPTER}$|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.|file:///)"
+ADAPTER_SOURCE_PATTERN = (
+    rf"^({HF_ADAPTER}|(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/[^{WHITESPACE}]|file:///)[^{WHITESPACE}]*)$"
+)
+ADAPTER_SOURCE_MESSAGE = (
+    "adapters[].source must be hf://<org>/<repo> (a Hugging Face repo), pvc://<claim>/<folder of the adapter on "
+    "that claim> or file:///<absolute folder in the engine image>, without '..'"
+)
+ADAPTER_REVISION_MESSAGE = "adapters[].revision applies to adapters from the hub (hf://) only"
+HUB_ADAPTER_CACHE_MESSAGE = (
+    "adapters from the hub (hf://) are downloaded into the cache claim before they are loaded: they need the cache "
+    "(remove cache.enabled: false)"
+)
+ADAPTER_LIMIT_MESSAGE = (
+    f"spec.adapters lists more adapters than engine.maxLoras (default {DEFAULT_MAX_LORAS}) lets an engine hold: "
+    "raise engine.maxLoras (the engines restart once) or list fewer"
+)
+ADAPTER_CLASH_MESSAGE = (
+    "an adapter may not take the model's served name (model.servedName, else metadata.name): clients could not tell "
+    "them apart"
+)
+# On the whole object, where metadata.name is in reach (crd.py); adapter_name_clash is its twin.
+ADAPTER_CLASH_RULE = (
+    "!has(self.spec.adapters) || !self.spec.adapters.exists(a, a.name == (has(self.spec.model.servedName) ? "
+    "self.spec.model.servedName : self.metadata.name))"
+)
+
+
+class AdapterSpec(ApiModel):
+    """A LoRA adapter of the served model, loaded into every engine at run time."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel(f"self.source.matches('{ADAPTER_SOURCE_FORM}') && !self.source.matches('{PARENT_SEGMENT}')",
+            ADAPTER_SOURCE_MESSAGE, ".source"),
+        cel("!has(self.revision) || self.source.startsWith('hf://')", ADAPTER_REVISION_MESSAGE, ".revision"),
+    ]})
+
+    name: str = Field(
+        description="The name clients put in the model field of OpenAI API requests to use this adapter.",
+        min_length=1, max_length=128, pattern=ADAPTER_NAME_PATTERN,
+    )
+    source: str = Field(
+        description=(
+            "Where the adapter (adapter_config.json and the weights, as PEFT saves them) is: hf://<org>/<repo> on "
+            "the Hugging Face hub, downloaded into the cache claim by a Job first (with model.hfTokenSecretRef, if "
+            "set); pvc://<claim>/<path> on a PersistentVolumeClaim of the namespace, mounted read-only into the "
+            "engines (a claim no other adapter uses yet restarts them once); or file:///<path> inside the engine "
+            "image."
+        ),
+        min_length=1, max_length=1024, pattern=ADAPTER_SOURCE_PATTERN,
+    )
+    revision: str | None = Field(
+        None, description="Branch, tag or commit of an adapter from the hub. Default: the repo's default branch.",
+        min_length=1, max_length=255, pattern=NO_WHITESPACE_PATTERN,
+    )
+
+    @model_validator(mode="after")
+    def _check_source(self) -> AdapterSpec:
+        if adapter_source(self.source)[0] != "hf" and self.revision is not None:
+            raise ValueError(ADAPTER_REVISION_MESSAGE)
+        return self
+
+
 SPEC_IS_OPENVINO = "has(self.engine.backend) && self.engine.backend == 'openvino'"
 SHARED_CACHE_MESSAGE = (
     "replicas > 1 need a cache every replica can mount (spec.replicas and autoscaling.maxReplicas alike): a "
@@ -941,6 +1023,23 @@ class LLMDeploymentSpec(ApiModel):
                     ".engine.openvino.kvCachePrecision",
                 ),
                 cel(
+                    f"!has(self.adapters) || size(self.adapters) <= (has(self.engine) && has(self.engine.maxLoras) ? "
+                    f"self.engine.maxLoras : {DEFAULT_MAX_LORAS})",
+                    ADAPTER_LIMIT_MESSAGE,
+                    ".adapters",
+                ),
+                cel(
+                    f"!has(self.adapters) || size(self.adapters) == 0 || !has(self.engine) || !({SPEC_IS_OPENVINO})",
+                    OPENVINO_LORA_MESSAGE,
+                    ".adapters",
+                ),
+                cel(
+                    "!has(self.adapters) || !self.adapters.exists(a, a.source.startsWith('hf://')) || "
+                    "!has(self.cache) || !has(self.cache.enabled) || self.cache.enabled",
+                    HUB_ADAPTER_CACHE_MESSAGE,
+                    ".adapters",
+                ),
+                cel(
                     "((!has(self.replicas) || self.replicas <= 1) && (!has(self.autoscaling) || "
                     "self.autoscaling.maxReplicas <= 1)) || (has(self.cache) && ((has(self.cache.enabled) && "
                     "!self.cache.enabled) || has(self.cache.existingClaim) || (has(self.cache.accessMode) && "
@@ -975,6 +1074,16 @@ class LLMDeploymentSpec(ApiModel):
     service: ServiceSpec = Field(default_factory=ServiceSpec, description="Service exposing the API.")
     routing: RoutingSpec = Field(
         default_factory=RoutingSpec, description="How the gateway picks a replica for each request."
+    )
+    adapters: list[AdapterSpec] = Field(
+        default_factory=list,
+        description=(
+            "LoRA adapters served beside the model, each under its own name. The operator loads and unloads them "
+            "in every running engine to match this list, with no restart, and a new engine Pod is Ready only once "
+            "it has them (readiness gate). status.adapters says where each is loaded, or why not."
+        ),
+        max_length=MAX_ADAPTERS,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     api_key_secret_ref: KeyRef | None = Field(
         None, description="Secret key holding the API key clients must send as a bearer token (VLLM_API_KEY)."
@@ -1036,6 +1145,17 @@ class LLMDeploymentSpec(ApiModel):
         openvino = self.engine.openvino
         if self.accelerator.type == "intel-gpu" and openvino is not None and openvino.kv_cache_precision is not None:
             raise ValueError(OPENVINO_GPU_PRECISION_MESSAGE)
+        # The twin of list-type map keyed by name.
+        if len({adapter.name for adapter in self.adapters}) < len(self.adapters):
+            raise ValueError("spec.adapters: each name may appear once")
+        if len(self.adapters) > (self.engine.max_loras or DEFAULT_MAX_LORAS):
+            raise ValueError(ADAPTER_LIMIT_MESSAGE)
+        if self.adapters and self.engine.backend == "openvino":
+            raise ValueError(OPENVINO_LORA_MESSAGE)
+        if clash := adapter_name_clash(self, None):
+            raise ValueError(clash)
+        if not self.cache.enabled and any(adapter_source(a.source)[0] == "hf" for a in self.adapters):
+            raise ValueError(HUB_ADAPTER_CACHE_MESSAGE)
         cache = self.cache
         most = max(self.replicas, self.autoscaling.max_replicas if self.autoscaling else 0)
         if most > 1 and cache.enabled and cache.existing_claim is None and cache.access_mode != "ReadWriteMany":
@@ -1229,6 +1349,21 @@ class StartupStatus(ApiModel):
     )
 
 
+class AdapterStatus(ApiModel):
+    """Where one LoRA adapter of spec.adapters is loaded."""
+
+    name: str = Field(description="The adapter's name in spec.adapters.")
+    state: Literal["Downloading", "Loaded", "Loading", "Failed"] = Field(
+        description="Downloading: from the hub into the cache claim (download says how far). Loaded: in every "
+        "running engine. Loading: on its way into some. Failed: its download failed, or an engine refused it "
+        "(message says why); a refused load is tried again after a while, and when its spec entry changes."
+    )
+    loaded_replicas: int = Field(ge=0, description="Running engines that have it loaded.")
+    replicas: int = Field(ge=0, description="Running engines that should have it.")
+    message: str | None = Field(None, description="The engine's answer when a load failed, or why the download did.")
+    download: CacheStatus | None = Field(None, description="The download of an adapter from the hub (hf://).")
+
+
 class LLMDeploymentStatus(ApiModel):
     """Observed state of an LLMDeployment, written by the operator."""
 
@@ -1263,6 +1398,13 @@ class LLMDeploymentStatus(ApiModel):
     startup: StartupStatus | None = Field(
         None, description="The stage each starting engine replica is in, read from its log, while any is starting."
     )
+    adapters: list[AdapterStatus] | None = Field(
+        None, description="Each LoRA adapter of spec.adapters: in how many running engines it is loaded, or why not.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    loaded_adapters: int | None = Field(
+        None, description="Adapters of spec.adapters loaded in every running engine, for kubectl get."
+    )
 
 
 def parse_model_source(name: str) -> tuple[str, str, str]:
@@ -1282,6 +1424,36 @@ def parse_model_source(name: str) -> tuple[str, str, str]:
             "model.name must be a Hugging Face repo id (org/name), pvc://<claim>/<path> or file:///<absolute path>"
         )
     return "hf", "", name
+
+
+def adapter_source(source: str) -> tuple[str, str, str]:
+    """Split adapters[].source into (kind, claim, path): ("hf", "", repo id), ("pvc", claim, path on it) or
+    ("file", "", absolute path).
+
+    Raises ValueError with a message for the user when it fits none.
+    """
+    if not re.match(ADAPTER_SOURCE_FORM, source) or re.search(PARENT_SEGMENT, source):
+        raise ValueError(ADAPTER_SOURCE_MESSAGE)
+    if source.startswith("hf://"):
+        if not re.fullmatch(HF_ADAPTER, source):  # RE2's $ is the end of the text; Python's allows a final newline
+            raise ValueError(ADAPTER_SOURCE_MESSAGE)
+        return "hf", "", source[len("hf://"):]
+    if source.startswith("pvc://"):
+        claim, _, path = source[len("pvc://"):].partition("/")
+        return "pvc", claim, path
+    return "file", "", source[len("file://"):]
+
+
+def lora_enabled(spec: LLMDeploymentSpec) -> bool:
+    """Whether the engines start with LoRA on: only then can adapters be loaded at run time."""
+    return bool(spec.adapters) or spec.engine.max_loras is not None
+
+
+def adapter_name_clash(spec: LLMDeploymentSpec, name: str | None) -> str | None:
+    """The twin of ADAPTER_CLASH_RULE: the message when an adapter takes the served name (metadata.name
+    ``name`` when model.servedName is unset; None where the spec is judged without its object)."""
+    served = spec.model.served_name or name
+    return ADAPTER_CLASH_MESSAGE if any(adapter.name == served for adapter in spec.adapters) else None
 
 
 TRUE_VALUES = ("1", "true", "yes", "on")

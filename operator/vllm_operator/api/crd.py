@@ -41,6 +41,8 @@ PRINTER_COLUMNS = [
      "description": "Accelerators per replica"},
     {"name": "Desired", "type": "integer", "jsonPath": ".status.autoscaling.desiredReplicas", "priority": 1,
      "description": "Replicas the built-in autoscaler asks for"},
+    {"name": "Adapters", "type": "integer", "jsonPath": ".status.loadedAdapters", "priority": 1,
+     "description": "LoRA adapters loaded in every running engine"},
 ]
 
 
@@ -106,7 +108,8 @@ def crd() -> dict[str, Any]:
                 f"self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= {MAX_NAME_LENGTH}",
                 f"metadata.name must start with a letter, hold only lowercase letters, digits and '-', and be at "
                 f"most {MAX_NAME_LENGTH} characters (it names the Service and the cache claim)",
-            )
+            ),
+            api.cel(api.ADAPTER_CLASH_RULE, api.ADAPTER_CLASH_MESSAGE),
         ],
         "properties": {
             "apiVersion": {"type": "string", "description": "Versioned schema of this object."},

@@ -118,10 +118,12 @@ class Gateway:
     # -- small endpoints -------------------------------------------------------------------------------
 
     async def models(self, _: web.Request) -> web.Response:
-        data = [{"id": s.model, "object": "model", "created": epoch(s.created), "owned_by": "vllm-operator",
+        # A LoRA adapter names its base model as parent, as vLLM's own listing does.
+        data = [{"id": name, "object": "model", "created": epoch(s.created), "owned_by": "vllm-operator",
+                 "parent": None if name == s.model else s.model,
                  "namespace": s.namespace, "llmdeployment": s.name, "phase": s.phase, "routing": s.strategy,
                  "ready_replicas": len(self.fleet.addresses(s.key))}
-                for s in sorted(self.fleet.by_model.values(), key=lambda s: s.model)]
+                for name, s in sorted(self.fleet.by_model.items())]
         return web.json_response({"object": "list", "data": data})
 
     async def prometheus(self, _: web.Request) -> web.Response:
@@ -232,7 +234,7 @@ class Gateway:
                         self.metrics.retries.labels(served.model).inc()
                         continue
                     return error(502, f"The engine of model '{served.model}' did not answer: "
-                                      f"{exc or type(exc).__name__}.", "upstream_error", "engine_unreachable")
+                                      f"{str(exc) or type(exc).__name__}.", "upstream_error", "engine_unreachable")
                 try:
                     return await self._relay(request, served, upstream, started)
                 finally:
@@ -253,7 +255,7 @@ class Gateway:
                 data = await upstream.read()
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 return error(502, f"The engine of model '{served.model}' broke off its answer: "
-                                  f"{exc or type(exc).__name__}.", "upstream_error", "engine_disconnected")
+                                  f"{str(exc) or type(exc).__name__}.", "upstream_error", "engine_disconnected")
             return web.Response(body=data, status=upstream.status, headers={"Content-Type": content_type})
         response = web.StreamResponse(status=upstream.status, headers={
             "Content-Type": content_type, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -51,6 +51,7 @@ class Served:
     api_key_ref: tuple[str, str] | None  # (Secret, key) of spec.apiKeySecretRef
     waiting: int = 0  # status.engine.requestsWaiting, over all replicas
     kv_cache_percent: float = 0.0  # status.engine.kvCacheUsagePercent, the fullest replica
+    adapters: tuple[str, ...] = ()  # LoRA adapters of spec.adapters that engines have loaded
 
     @property
     def key(self) -> Key:
@@ -62,6 +63,11 @@ def served_from(obj: Mapping[str, Any]) -> Served:
     meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
     engine = status.get("engine") or {}
     ref = spec.get("apiKeySecretRef")
+    # A Ready engine had every adapter before it took traffic (its readiness gate); one just added to the spec
+    # is routed once some engine has it.
+    listed = {adapter.get("name") for adapter in spec.get("adapters") or []}
+    loaded = tuple(a["name"] for a in status.get("adapters") or [] if a.get("name") in listed
+                   and int(a.get("loadedReplicas") or 0) > 0)
     return Served(
         namespace=meta["namespace"],
         name=meta["name"],
@@ -73,7 +79,24 @@ def served_from(obj: Mapping[str, Any]) -> Served:
         api_key_ref=(ref["name"], ref["key"]) if ref else None,
         waiting=int(engine.get("requestsWaiting") or 0),
         kv_cache_percent=float(engine.get("kvCacheUsagePercent") or 0.0),
+        adapters=loaded,
     )
+
+
+def model_index(deployments: Iterable[Served]) -> dict[str, Served]:
+    """Model name -> the LLMDeployment that serves it: its served name, or one of its loaded adapters.
+
+    Two LLMDeployments serving one name (in two namespaces): the oldest keeps it, as a Service would; a served
+    name wins over an adapter of the same name elsewhere.
+    """
+    ordered = sorted(deployments, key=lambda s: (s.created, s.namespace, s.name))
+    index: dict[str, Served] = {}
+    for served in ordered:
+        index.setdefault(served.model, served)
+    for served in ordered:
+        for adapter in served.adapters:
+            index.setdefault(adapter, served)
+    return index
 
 
 def ready_address(pod: Mapping[str, Any]) -> str | None:
@@ -180,11 +203,7 @@ class Fleet:
         self._reindex()
 
     def _reindex(self) -> None:
-        # Two LLMDeployments serving one name (in two namespaces): the oldest keeps it, as a Service would.
-        by_model: dict[str, Served] = {}
-        for served in sorted(self.deployments.values(), key=lambda s: (s.created, s.namespace, s.name)):
-            by_model.setdefault(served.model, served)
-        self.by_model = by_model
+        self.by_model = model_index(self.deployments.values())
         self._notify()
 
     def _pods_listed(self, scope: str | None, items: list[dict[str, Any]]) -> None:

@@ -19,7 +19,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from vllm_operator import api, benchmark, observability
-from vllm_operator.api import LLMDeploymentSpec, pulls_model
+from vllm_operator.adapters.sync import AdapterTarget, ReplicaAdapters
+from vllm_operator.api import LLMDeploymentSpec, adapter_name_clash, adapter_source, lora_enabled, pulls_model
 from vllm_operator.autoscale.decide import Autoscaler, Decision, LoadSample
 from vllm_operator.cache.fit import (
     Deployment,
@@ -53,8 +54,9 @@ from vllm_operator.render.manifests import (
     live_startup_budget,
     startup_budget_seconds,
 )
+from vllm_operator.render.adapters import READINESS_GATE, wanted_adapters
 from vllm_operator.render.puller import COMPONENT as PULLER_COMPONENT
-from vllm_operator.render.puller import PullerSettings, job_name, pull_job
+from vllm_operator.render.puller import Pull, PullerSettings, adapter_pull, job_name, model_pull, pull_job
 
 log = logging.getLogger("vllm_operator.reconcile.controller")
 
@@ -113,6 +115,10 @@ class EngineView:
     unhealthy: dict[str, str] = field(default_factory=dict)
     # Pod name -> (stage, since) of each replica still starting, from its log.
     startup: dict[str, tuple[StartupStage, str]] = field(default_factory=dict)
+    # Adapter name -> what the engines load it from, for the adapters ready to load; set by each reconcile.
+    wanted: dict[str, str] = field(default_factory=dict)
+    # Pod name -> what its engine has of them (adapters/sync.py).
+    adapters: dict[str, ReplicaAdapters] = field(default_factory=dict)
 
 
 # Engine load figures reach the status at most this often per LLMDeployment, and the fleet's
@@ -270,6 +276,10 @@ class Controller:
                 meta["name"], meta["namespace"], meta.get("generation", 0), 0, spec_error=describe_validation_error(error),
             ))
             return True
+        if clash := adapter_name_clash(spec, owner.name):
+            await self._write_status(key, body, Observation(
+                owner.name, owner.namespace, meta.get("generation", 0), 0, spec_error=clash))
+            return True
         if spec.autoscaling is not None:
             # The count this operator saw first is the autoscaler's: a later change by anyone else is overruled,
             # even one made before the first scrape.
@@ -289,11 +299,17 @@ class Controller:
             else live_startup_budget(self._deployment(key)) or startup_budget_seconds(spec, None)
         synced = await self._sync_children(key, body, spec, owner, budget,
                                            hold_engines=pulled is not None and not pulled.ready)
-        if pulled is not None and not pulled.ready and pulled.failure is None and pulled.conflict is None:
+        adapters = await self._adapter_downloads(key, body, spec, owner)
+        downloads = ([pulled] if pulled is not None else []) + list(adapters.values())
+        if any(not d.ready and d.failure is None and d.conflict is None for d in downloads):
             self.queue.add_after(key, self.progress_interval)  # the progress of a download sends no watch event
-        if pulled is not None and pulled.ready:
-            await self._drop_finished_downloads(key, owner, keep=pulled.status["job"])
+        if pulled is None or pulled.ready:
+            await self._drop_finished_downloads(key, owner, keep={d.status["job"] for d in downloads})
         view = self.engines.get(key, EngineView())
+        if lora_enabled(spec):  # only then kept: a view per LLMDeployment would cost memory at fleet size
+            view = self.engines.setdefault(key, view)
+            view.wanted = wanted_adapters(spec, {name: d.status.get("revision") for name, d in adapters.items()
+                                                 if d.ready})
         observation = Observation(
             name=owner.name,
             namespace=owner.namespace,
@@ -307,10 +323,11 @@ class Controller:
             engine=view.stats,
             unhealthy=view.unhealthy,
             apply_errors=tuple(self.apply_errors.get(key, ())),
-            conflicts=tuple(self.conflicts.get(key, ())) + ((pulled.conflict,) if pulled and pulled.conflict else ()),
+            conflicts=tuple(self.conflicts.get(key, ())) + tuple(d.conflict for d in downloads if d.conflict),
             autoscaler_conflict=self.autoscaler_conflicts.get(key),
             autoscaling=self._autoscaling_status(key, spec),
             startup=_startup_status(view),
+            adapters=_adapter_status(spec, view, adapters),
             capacity=capacity_status(verdict),
             cache=pulled.status if pulled is not None else None,
             download_failed=pulled.failure if pulled is not None else None,
@@ -318,7 +335,7 @@ class Controller:
         observation, bench = await self._benchmark(key, body, spec, owner, observation)
         await self._write_status(key, body, observation)
         await self._after_benchmark(key, body, owner, bench)
-        return synced and (pulled is None or pulled.conflict is None)
+        return synced and not any(d.conflict for d in downloads)
 
     async def _benchmark(self, key: Key, body: Mapping[str, Any], spec: LLMDeploymentSpec, owner: Owner,
                          observation: Observation) -> tuple[Observation, benchmark.Plan | None]:
@@ -377,14 +394,14 @@ class Controller:
         return Unknown(answer.message) if isinstance(answer, Unjudged) else check_fit(answer, Deployment.from_spec(spec))
 
     def _spec(self, key: Key, body: Mapping[str, Any]) -> LLMDeploymentSpec:
-        """The parsed spec. Kept per generation only when autoscaling is on (every scrape then asks for
+        """The parsed spec. Kept per generation only when autoscaling or LoRA is on (every sweep then asks for
         it): a parsed spec is kilobytes, and a thousand of them would be most of the operator's memory."""
         generation = body["metadata"].get("generation", 0)
         cached = self._specs.get(key)
         if cached is not None and cached[0] == generation:
             return cached[1]
         spec = LLMDeploymentSpec.model_validate(body.get("spec") or {})
-        if spec.autoscaling is not None:
+        if spec.autoscaling is not None or lora_enabled(spec):
             self._specs[key] = (generation, spec)
         else:
             self._specs.pop(key, None)
@@ -589,9 +606,24 @@ class Controller:
         return ChildOutcome(child, change=verb)
 
     async def _download(self, key: Key, body: Mapping[str, Any], spec: LLMDeploymentSpec, owner: Owner) -> Download:
-        """Run, follow or share the Job that downloads the model into the cache claim (render/puller.py)."""
-        name = job_name(spec, owner.name)
+        """The download of the model into the cache claim."""
         written = (self._statuses.get(key) or body.get("status") or {}).get("cache")
+        return await self._follow_download(key, body, spec, owner, model_pull(spec), written)
+
+    async def _adapter_downloads(self, key: Key, body: Mapping[str, Any], spec: LLMDeploymentSpec,
+                                 owner: Owner) -> dict[str, Download]:
+        """The download of each adapter from the hub into the cache claim, by adapter name."""
+        written = {a["name"]: a.get("download") for a in
+                   (self._statuses.get(key) or body.get("status") or {}).get("adapters") or []}
+        return {adapter.name: await self._follow_download(key, body, spec, owner, adapter_pull(adapter),
+                                                          written.get(adapter.name))
+                for adapter in spec.adapters if adapter_source(adapter.source)[0] == "hf"}
+
+    async def _follow_download(self, key: Key, body: Mapping[str, Any], spec: LLMDeploymentSpec, owner: Owner,
+                               pull: Pull, written: Mapping[str, Any] | None) -> Download:
+        """Run, follow or share the Job that downloads ``pull`` into the cache claim (render/puller.py);
+        ``written`` is what the status last said of it."""
+        name = job_name(spec, owner.name, pull)
         if written is not None and written.get("job") == name and written.get("phase") == "Ready":
             return Download(dict(written), ready=True)  # nothing to read again: the weights stay in the claim
         job = self.children.get(key, {}).get(("Job", name))
@@ -600,9 +632,9 @@ class Controller:
             job = await self._read("Job", owner.namespace, name)
         if job is None:
             try:
-                job = await self.kube.create(pull_job(spec, owner, self.puller))
+                job = await self.kube.create(pull_job(spec, owner, self.puller, pull))
                 observability.record_write("create", "Job")
-                self._event(body, "Normal", "Downloading", f"created Job {name} to download {spec.model.name} into "
+                self._event(body, "Normal", "Downloading", f"created Job {name} to download {pull.repo} into "
                             "the cache claim")
             except KubeError as exc:
                 if exc.status in (400, 422):
@@ -626,12 +658,12 @@ class Controller:
         progress = await self.progress.read(url) if url is not None else None
         return download(job, pods, progress, written, owner.name)
 
-    async def _drop_finished_downloads(self, key: Key, owner: Owner, keep: str) -> None:
+    async def _drop_finished_downloads(self, key: Key, owner: Owner, keep: set[str]) -> None:
         """Once the engines' model is in the cache, this LLMDeployment's Jobs of earlier downloads (of another model,
         revision or patterns) go; their bytes stay in the claim."""
         for (kind, name), job in list(self.children.get(key, {}).items()):
             labels = job["metadata"].get("labels") or {}
-            if (kind == "Job" and name != keep and labels.get("app.kubernetes.io/component") == PULLER_COMPONENT
+            if (kind == "Job" and name not in keep and labels.get("app.kubernetes.io/component") == PULLER_COMPONENT
                     and controller_uid(job) == owner.uid and finished(job) is not None):
                 await self.kube.delete("Job", owner.namespace, name)
                 observability.record_write("delete", "Job")
@@ -705,16 +737,44 @@ class Controller:
 
     # -- engine metrics -------------------------------------------------------------------------
 
+    def _started_engines(self, key: Key) -> dict[str, tuple[str, Mapping[str, Any]]]:
+        """Pod name -> (base URL, Pod) of each engine past its startup probe, whose API answers."""
+        started = {}
+        for name, pod in self.engine_pods(key).items():
+            ip = (pod.get("status") or {}).get("podIP")
+            running = (pod.get("status") or {}).get("phase") == "Running"
+            if ip and running and not pod["metadata"].get("deletionTimestamp") and _started(pod):
+                started[name] = (f"http://{_host(ip)}:{ENGINE_PORT}", pod)
+        return started
+
     def scrape_targets(self) -> dict[Key, dict[str, str]]:
-        """Base URLs of every Ready engine Pod, by LLMDeployment."""
+        """Base URLs of every started engine Pod, by LLMDeployment."""
         targets: dict[Key, dict[str, str]] = {}
         for key in self.pods:
-            for name, pod in self.engine_pods(key).items():
-                ip = (pod.get("status") or {}).get("podIP")
-                running = (pod.get("status") or {}).get("phase") == "Running"
-                if ip and running and not pod["metadata"].get("deletionTimestamp") and _started(pod):
-                    targets.setdefault(key, {})[name] = f"http://{_host(ip)}:{ENGINE_PORT}"
+            if started := self._started_engines(key):
+                targets[key] = {name: url for name, (url, _) in started.items()}
         return targets
+
+    def adapter_targets(self) -> dict[Key, AdapterTarget]:
+        """The LLMDeployments with LoRA on, their adapters and their started engines."""
+        targets = {}
+        for key, (_, spec) in self._specs.items():
+            if not lora_enabled(spec) or key not in self.resources or key not in self.engines:
+                continue
+            started = self._started_engines(key)
+            targets[key] = AdapterTarget(
+                wanted=dict(self.engines[key].wanted), served_name=served_model_name(spec, key[1]),
+                api_key=spec.api_key_secret_ref, pods={name: url for name, (url, _) in started.items()},
+                gated=frozenset(name for name, (_, pod) in started.items() if not _gate_open(pod)))
+        return targets
+
+    def update_adapters(self, key: Key, replicas: dict[str, ReplicaAdapters]) -> None:
+        """What each engine has of the adapters; a change reaches the status at the next reconcile."""
+        view = self.engines.setdefault(key, EngineView())
+        if replicas != view.adapters:
+            view.adapters = replicas
+            if key in self.resources:
+                self.queue.add(key)
 
     def starting_pods(self) -> dict[Key, list[str]]:
         """Engine Pods whose container runs but has not passed its startup probe yet, by LLMDeployment."""
@@ -787,6 +847,35 @@ def _startup_status(view: EngineView) -> dict[str, Any] | None:
         return None
     replicas = [{"pod": pod, "stage": stage, "since": since} for pod, (stage, since) in sorted(view.startup.items())]
     return api.StartupStatus.model_validate({"replicas": replicas}).model_dump(by_alias=True)
+
+
+def _adapter_status(spec: LLMDeploymentSpec, view: EngineView,
+                    downloads: Mapping[str, Download]) -> list[dict[str, Any]] | None:
+    """status.adapters: each adapter of the spec in the started engines (or its download from the hub), with the
+    first refusal's or the failed download's words."""
+    if not lora_enabled(spec):
+        return None
+    engines = view.adapters.values()
+    adapters = []
+    for adapter in spec.adapters:
+        loaded = sum(adapter.name in engine.loaded for engine in engines)
+        download = downloads.get(adapter.name)
+        refusal = next((engine.refused[adapter.name] for engine in engines if adapter.name in engine.refused), None)
+        if download is not None and not download.ready:
+            state, message = ("Failed" if download.failure else "Downloading"), download.status.get("message")
+        else:
+            state = "Failed" if refusal else "Loaded" if engines and loaded == len(engines) else "Loading"
+            message = refusal
+        adapters.append(api.AdapterStatus.model_validate({
+            "name": adapter.name, "state": state, "loadedReplicas": loaded, "replicas": len(engines),
+            "message": message, "download": download.status if download is not None else None,
+        }).model_dump(by_alias=True, exclude_none=True))
+    return adapters
+
+
+def _gate_open(pod: Mapping[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == READINESS_GATE and c.get("status") == "True" for c in conditions)
 
 
 def _started(pod: Mapping[str, Any]) -> bool:

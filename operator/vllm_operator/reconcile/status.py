@@ -65,6 +65,8 @@ class Observation:
     download_failed: tuple[str, str] | None = None
     # status.startup: the stage of each replica still starting (engines/startup.py).
     startup: Mapping[str, Any] | None = None
+    # status.adapters when LoRA is on: each adapter in the started engines (adapters/sync.py).
+    adapters: Sequence[Mapping[str, Any]] | None = None
 
 
 def _is_ready(pod: Mapping[str, Any]) -> bool:
@@ -257,6 +259,9 @@ def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> d
         status["autoscaling"] = dict(obs.autoscaling)
     if obs.startup is not None:
         status["startup"] = dict(obs.startup)
+    if obs.adapters is not None:
+        status["adapters"] = [dict(adapter) for adapter in obs.adapters]
+        status["loadedAdapters"] = sum(adapter["state"] == "Loaded" for adapter in obs.adapters)
     if obs.engine is not None:
         status["engine"] = obs.engine.model_copy(update={"observed_at": now}).model_dump(by_alias=True, exclude_none=True)
     return status
@@ -280,4 +285,14 @@ def status_events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[
             before is None or before.get("status") != "True" or before.get("message") != condition["message"]
         ):
             events.append(("Warning", condition["reason"], condition["message"]))
+    old_adapters = {a["name"]: a for a in old.get("adapters") or []}
+    for adapter in new.get("adapters") or []:
+        before = old_adapters.get(adapter["name"], {})
+        if adapter["state"] == "Loaded" and before.get("state") != "Loaded":
+            events.append(("Normal", "AdapterLoaded", f"adapter {adapter['name']} is loaded in all "
+                                                      f"{adapter['replicas']} running engines"))
+        elif adapter["state"] == "Failed" and (before.get("state") != "Failed"
+                                               or before.get("message") != adapter.get("message")):
+            events.append(("Warning", "AdapterFailed", f"an engine refused adapter {adapter['name']}: "
+                                                       f"{adapter.get('message')}"))
     return events

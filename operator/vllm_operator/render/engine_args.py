@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from vllm_operator.api import KeyRef, LLMDeploymentSpec, parse_model_source, pulls_model
+from vllm_operator.api import KeyRef, LLMDeploymentSpec, lora_enabled, parse_model_source, pulls_model
+from vllm_operator.render.adapters import RUNTIME_UPDATES_ENV, lora_args
+from vllm_operator.render.paths import CACHE_MOUNT, HF_HOME
 from vllm_operator.render.profiles import CPU_KV_CACHE_SPACE_GIB_DEFAULT, AcceleratorProfile, profile_for
 
 ENGINE_PORT = 8000
 ENGINE_COMMAND = ("python3", "-m", "vllm.entrypoints.openai.api_server")
-CACHE_MOUNT = "/cache"
 MODEL_MOUNT = "/models"
 CHAT_TEMPLATE_MOUNT = "/etc/vllm/chat-template"
-HF_HOME = f"{CACHE_MOUNT}/huggingface"
 # The torch.compile caches live on the cache volume so restarts skip most compilation: vLLM's own,
 # and inductor's, which would otherwise be in the container's /tmp and gone after a restart.
 VLLM_CACHE_ROOT = f"{CACHE_MOUNT}/vllm"
@@ -120,6 +120,7 @@ def engine_args(spec: LLMDeploymentSpec, name: str) -> list[str]:
     args += _toggle("enable-prefix-caching", engine.enable_prefix_caching)
     args += _toggle("enable-chunked-prefill", engine.enable_chunked_prefill)
     args += _graph_args(spec, profile)
+    args += lora_args(spec)
     return args + list(engine.extra_args)
 
 
@@ -169,6 +170,8 @@ def engine_env(spec: LLMDeploymentSpec) -> list[dict]:
         put("VLLM_CPU_KVCACHE_SPACE", str(spec.engine.cpu_kv_cache_space_gi_b or CPU_KV_CACHE_SPACE_GIB_DEFAULT))
     if spec.model.hf_token_secret_ref is not None and not pulled:  # else the download Job's alone
         env["HF_TOKEN"] = _secret_env("HF_TOKEN", spec.model.hf_token_secret_ref)
+    if lora_enabled(spec):
+        put(RUNTIME_UPDATES_ENV, "True")  # the operator loads spec.adapters at run time
     if spec.api_key_secret_ref is not None:
         env["VLLM_API_KEY"] = _secret_env("VLLM_API_KEY", spec.api_key_secret_ref)
     for var in spec.engine.env:

@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from vllm_operator import api
-from vllm_operator.api import LLMDeploymentSpec, parse_model_source
+from vllm_operator.api import LLMDeploymentSpec, lora_enabled, parse_model_source
+from vllm_operator.render.adapters import READINESS_GATE, adapter_volumes
 from vllm_operator.render.engine_args import (
     CACHE_MOUNT,
     CHAT_TEMPLATE_MOUNT,
@@ -119,7 +120,8 @@ def _volumes(spec: LLMDeploymentSpec, owner: Owner) -> tuple[list[dict[str, Any]
             "configMap": {"name": template_ref.name, "items": [{"key": template_ref.key, "path": template_ref.key}]},
         })
         mounts.append({"name": "chat-template", "mountPath": CHAT_TEMPLATE_MOUNT, "readOnly": True})
-    return volumes, mounts
+    lora_volumes, lora_mounts = adapter_volumes(spec)
+    return volumes + lora_volumes, mounts + lora_mounts
 
 
 def startup_budget_seconds(spec: LLMDeploymentSpec, weight_bytes_per_device: int | None) -> int:
@@ -204,6 +206,8 @@ def run_once_job(spec: LLMDeploymentSpec, owner: Owner, name: str, component: st
     }
     if spec.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
+    if lora_enabled(spec):
+        pod_spec["readinessGates"] = [{"conditionType": READINESS_GATE}]
     metadata: dict[str, Any] = {"name": name, "namespace": owner.namespace, "labels": labels,
                                 "ownerReferences": [owner.reference]}
     template: dict[str, Any] = {"labels": labels}
@@ -254,6 +258,8 @@ def deployment(spec: LLMDeploymentSpec, owner: Owner, startup_budget: int = STAR
         pod_spec["serviceAccountName"] = spec.service_account_name
     if spec.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
+    if lora_enabled(spec):
+        pod_spec["readinessGates"] = [{"conditionType": READINESS_GATE}]
     # Scarce devices: replace a replica in place rather than asking for more accelerators than replicas hold.
     strategy = (
         {"maxSurge": 0, "maxUnavailable": 1} if profile.scarce else {"maxSurge": "25%", "maxUnavailable": 0}

@@ -1,6 +1,7 @@
-"""The download Job: the model puller (images/model-puller/puller.py) fills the cache claim before the engines start.
+"""The download Jobs: the model puller (images/model-puller/puller.py) fills the cache claim with the model before
+the engines start, and with each LoRA adapter from the hub (hf:// in spec.adapters) before it is loaded.
 
-Pure functions. The Job's name depends on the claim and on what it downloads (repo, revision, file patterns), not
+Pure functions. A Job's name depends on the claim and on what it downloads (repo, revision, file patterns), not
 on the LLMDeployment: LLMDeployments that share a claim (cache.existingClaim) and serve the same model share one
 Job, and a spec edit that downloads something else makes a new one.
 """
@@ -12,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_operator.api import LLMDeploymentSpec, download_patterns, parse_model_source
+from vllm_operator.api import AdapterSpec, LLMDeploymentSpec, adapter_source, download_patterns, parse_model_source
 from vllm_operator.render.engine_args import CACHE_MOUNT, HF_HOME
 from vllm_operator.render.manifests import (
     Manifest,
@@ -38,6 +39,27 @@ DEFAULT_IMAGE = "vllm-model-puller:2.4.0"
 PULLER_UID = 65532  # USER of images/model-puller/Dockerfile
 MAX_NAME = 63  # Job names become Pod label values (job-name)
 DEFAULT_REVISION = "main"
+# What vLLM reads of a PEFT adapter: its config, its weights, and added embeddings where there are any.
+ADAPTER_PATTERNS = ("*.json", "adapter_model.*", "new_embeddings.*")
+
+
+@dataclass(frozen=True)
+class Pull:
+    """What one Job downloads: a repo at a revision (None: the default branch), the files the patterns select."""
+
+    repo: str
+    revision: str | None
+    allow: tuple[str, ...]
+    ignore: tuple[str, ...] = ()
+
+
+def model_pull(spec: LLMDeploymentSpec) -> Pull:
+    allow, ignore = download_patterns(spec.model)
+    return Pull(parse_model_source(spec.model.name)[2], spec.model.revision, tuple(allow), tuple(ignore))
+
+
+def adapter_pull(adapter: AdapterSpec) -> Pull:
+    return Pull(adapter_source(adapter.source)[2], adapter.revision, ADAPTER_PATTERNS)
 
 
 @dataclass(frozen=True)
@@ -52,21 +74,20 @@ def cache_claim_of(spec: LLMDeploymentSpec, owner_name: str) -> str:
     return spec.cache.existing_claim or cache_claim_name(owner_name)
 
 
-def job_name(spec: LLMDeploymentSpec, owner_name: str) -> str:
-    """``<claim>-pull-<hash of repo, revision and patterns>``, at most 63 characters."""
-    allow, ignore = download_patterns(spec.model)
-    what = [parse_model_source(spec.model.name)[2], spec.model.revision or DEFAULT_REVISION, allow, ignore]
+def job_name(spec: LLMDeploymentSpec, owner_name: str, pull: Pull | None = None) -> str:
+    """``<claim>-pull-<hash of repo, revision and patterns>``, at most 63 characters; of the model by default."""
+    pull = pull or model_pull(spec)
+    what = [pull.repo, pull.revision or DEFAULT_REVISION, list(pull.allow), list(pull.ignore)]
     digest = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:8]
     suffix = f"-pull-{digest}"
     return cache_claim_of(spec, owner_name)[:MAX_NAME - len(suffix)].rstrip("-.") + suffix
 
 
-def puller_args(spec: LLMDeploymentSpec) -> list[str]:
-    allow, ignore = download_patterns(spec.model)
-    args = [parse_model_source(spec.model.name)[2]]
-    if spec.model.revision is not None:
-        args += ["--revision", spec.model.revision]
-    for flag, patterns in (("--allow-pattern", allow), ("--ignore-pattern", ignore)):
+def puller_args(pull: Pull) -> list[str]:
+    args = [pull.repo]
+    if pull.revision is not None:
+        args += ["--revision", pull.revision]
+    for flag, patterns in (("--allow-pattern", pull.allow), ("--ignore-pattern", pull.ignore)):
         for pattern in patterns:
             args += [flag, pattern]
     return args + ["--port", str(PROGRESS_PORT)]
@@ -89,14 +110,15 @@ def _env(spec: LLMDeploymentSpec, settings: PullerSettings) -> list[dict[str, An
     return env
 
 
-def pull_job(spec: LLMDeploymentSpec, owner: Owner, settings: PullerSettings) -> Manifest:
-    """The Job that downloads the model of ``spec`` into its cache claim."""
+def pull_job(spec: LLMDeploymentSpec, owner: Owner, settings: PullerSettings, pull: Pull | None = None) -> Manifest:
+    """The Job that downloads ``pull`` (the model of ``spec`` by default) into the cache claim."""
+    pull = pull or model_pull(spec)
     container = {
         "name": CONTAINER,
         "image": settings.image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["python", SCRIPT],
-        "args": puller_args(spec),
+        "args": puller_args(pull),
         "env": _env(spec, settings),
         "ports": [{"name": "progress", "containerPort": PROGRESS_PORT, "protocol": "TCP"}],
         "volumeMounts": [{"name": "cache", "mountPath": CACHE_MOUNT}],
@@ -117,7 +139,7 @@ def pull_job(spec: LLMDeploymentSpec, owner: Owner, settings: PullerSettings) ->
         pod["nodeSelector"] = node_selector
     if pod_tolerations := tolerations(spec):
         pod["tolerations"] = pod_tolerations
-    return run_once_job(spec, owner, job_name(spec, owner.name), COMPONENT, container, pod, {
+    return run_once_job(spec, owner, job_name(spec, owner.name, pull), COMPONENT, container, pod, {
         "backoffLimit": BACKOFF_LIMIT,
         "podFailurePolicy": {"rules": [
             {"action": "FailJob",

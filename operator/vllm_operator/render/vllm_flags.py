@@ -45,6 +45,12 @@ OWNED_FLAGS: dict[str, str] = {
     "--enforce-eager": "spec.engine.enforceEager",
     "--compilation-config": "spec.engine.cudaGraph",
     "--cudagraph-capture-sizes": "spec.engine.cudaGraph.captureSizes",
+    # The operator loads and unloads spec.adapters at run time; adapters loaded otherwise would be unloaded.
+    "--enable-lora": "spec.adapters or spec.engine.maxLoras",
+    "--lora-modules": "spec.adapters",
+    "--max-loras": "spec.engine.maxLoras",
+    "--max-cpu-loras": "spec.engine.maxLoras",
+    "--max-lora-rank": "spec.engine.maxLoraRank",
 }
 
 # Flags older guides still use that this vLLM no longer has: the server exits at start-up on them.
