@@ -97,9 +97,17 @@ def adapter_status(cluster: Cluster, namespace: str) -> dict[str, dict[str, Any]
 def test_the_adapters_are_loaded_and_answer_differently_and_a_too_high_rank_is_reported(
         cluster: Cluster, hub: LocalHub, served: str) -> None:
     # The engine may be Ready before the hub's adapter is downloaded: that one is loaded when it is.
-    status = wait_for("status.adapters of every adapter", lambda: (
-        found if len(found := adapter_status(cluster, served)) == 3 and found["huge"]["state"] == "Failed"
-        and found["sql"]["state"] == "Loaded" else None), 120)
+    seen: dict[str, Any] = {}
+
+    def settled() -> dict[str, dict[str, Any]] | None:
+        seen["status"] = found = adapter_status(cluster, served)
+        return found if len(found) == 3 and found["huge"]["state"] == "Failed" and found["sql"]["state"] == "Loaded" \
+            else None
+
+    try:
+        status = wait_for("status.adapters of every adapter", settled, 120)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last seen: {seen.get('status')}") from None
     [pod] = llmd.owned_pods(cluster.api_client, served, NAME)
     assert listed(pod) == {NAME, "sql", "poet"}
     base = says(pod, NAME)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import urllib.request
@@ -29,8 +30,10 @@ from devcluster.localruntime.spec import (
     container_env,
     engine_arguments,
     expand,
+    in_own_mounts,
     is_engine_image,
     launch_plan,
+    mount_namespaces,
     rewrite_path,
 )
 
@@ -127,6 +130,23 @@ def test_launch_plan_for_the_vllm_server(tmp_path: Path) -> None:
     assert plan.env["HF_HOME"] == f"{tmp_path}/pv/hf"
     assert plan.env["HOME"] == str(tmp_path / "home")
     assert plan.cwd == tmp_path / "home"
+
+
+def test_an_engine_finds_its_volumes_at_the_container_paths_it_is_handed_at_run_time(tmp_path: Path) -> None:
+    """The operator hands a running engine container paths (a LoRA adapter's folder): the engine process runs in a
+    mount namespace of its own where each volume is also where the container mounts it."""
+    if not mount_namespaces():
+        pytest.skip("this machine gives no process a mount namespace of its own (docs/local-runtime.md)")
+    volume = tmp_path / "claim"
+    (volume / "adapter").mkdir(parents=True)
+    (volume / "adapter" / "adapter_config.json").write_text('{"r": 8}')
+    container_path = f"/vllm-operator-test-{os.getpid()}/adapters/claim"
+    mounts = [(container_path, volume), ("/dev/termination-log", tmp_path / "message"), ("/missing", tmp_path / "x")]
+    argv = in_own_mounts(["cat", f"{container_path}/adapter/adapter_config.json"], mounts)
+    assert argv[-2:] == ["cat", f"{container_path}/adapter/adapter_config.json"]
+    assert [part for part in argv if part.startswith("/dev") or part == "/missing"] == []
+    assert subprocess.run(argv, capture_output=True, text=True, check=True).stdout == '{"r": 8}'
+    assert not os.path.exists(f"{container_path}/adapter"), "the bind is the process's own, not the machine's"
 
 
 def test_launch_plan_for_other_images(tmp_path: Path) -> None:

@@ -1,14 +1,17 @@
 """How a container of a pod becomes a local process: its argv, environment and working folder.
 
-Pure functions over the pod as a dict, so they can be tested without a cluster.
+Pure functions over the pod as a dict, so they can be tested without a cluster; but for ``mount_namespaces``,
+which asks the machine once.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 import shutil
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +35,35 @@ _PYTHON = re.compile(r"python(3(\.\d+)?)?")
 # A Service's in-cluster URL; nothing here resolves cluster DNS names or routes Service IPs.
 _SERVICE_URL = re.compile(r"(https?://)([a-z0-9]([-a-z0-9]*[a-z0-9])?)\.([a-z0-9]([-a-z0-9]*[a-z0-9])?)"
                           r"\.svc(\.cluster\.local)?(:(\d+))?")
+
+
+# Mount points a volume never covers in the engine's mount namespace: the system's own (kubelet puts /dev/shm and
+# the termination log there; here they are plain local paths already).
+SYSTEM_PATHS = ("/dev", "/proc", "/sys")
+# Binds each (local folder, container path) pair given before "--" in a private mount namespace, then runs the rest.
+_BIND = 'set -e; while [ "$1" != "--" ]; do mkdir -p "$2"; mount --bind "$1" "$2"; shift 2; done; shift; exec "$@"'
+
+
+@functools.cache
+def mount_namespaces() -> bool:
+    """Whether this machine lets the runtime give a process a mount namespace of its own (root, CAP_SYS_ADMIN)."""
+    try:
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
+                              capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def in_own_mounts(argv: list[str], mounts: Sequence[Mount]) -> list[str]:
+    """``argv`` run where every volume folder is also at the path the container mounts it at, as in a container:
+    paths the engine is handed at run time (the folder of a LoRA adapter the operator loads) resolve there too.
+    Where the machine allows no mount namespace, ``argv`` as it is (docs/local-runtime.md)."""
+    binds = [(str(local), path) for path, local in sorted(mounts, key=lambda mount: len(mount[0]))
+             if path.startswith("/") and not path.startswith(SYSTEM_PATHS) and local.is_dir()]
+    if not binds or not mount_namespaces():
+        return argv
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", _BIND, "sh",
+            *(part for pair in binds for part in pair), "--", *argv]
 
 
 class SpecError(Exception):
@@ -245,6 +277,8 @@ def launch_plan(
     elif not (engine and server_options is not None):
         argv[0] = _executable(argv[0], base_env.get("PATH", ""))
     engine = engine and server_options is not None
+    if engine:
+        argv = in_own_mounts(argv, mounts)
     working_dir = container.get("workingDir")
     mapped = rewrite_path(working_dir, mounts) if working_dir else ""
     cwd = Path(mapped) if mapped and mapped != working_dir else home
