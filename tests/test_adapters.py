@@ -137,6 +137,8 @@ def test_status_counts_each_adapter_over_the_engines_and_keeps_the_engines_refus
     assert status["a2"]["state"] == "Loading" and status["a2"]["loadedReplicas"] == 1
     assert status["big"]["state"] == "Failed" and "max_lora_rank 16" in status["big"]["message"]
     assert _adapter_status(served, EngineView(), {})[0]["state"] == "Loading"  # no engine running yet
+    unasked = EngineView(adapters={"pod-a": ReplicaAdapters(error="Unauthorized")})
+    assert _adapter_status(served, unasked, {})[0]["message"] == "engine pod-a could not be asked: Unauthorized"
     assert _adapter_status(spec(), view, {}) is None
 
 

@@ -856,6 +856,9 @@ def _adapter_status(spec: LLMDeploymentSpec, view: EngineView,
     if not lora_enabled(spec):
         return None
     engines = view.adapters.values()
+    # An engine that could not be asked (unreachable, or refusing the API key) holds back every adapter.
+    unasked = next((f"engine {pod} could not be asked: {engine.error}" for pod, engine in sorted(view.adapters.items())
+                    if engine.error), None)
     adapters = []
     for adapter in spec.adapters:
         loaded = sum(adapter.name in engine.loaded for engine in engines)
@@ -865,7 +868,7 @@ def _adapter_status(spec: LLMDeploymentSpec, view: EngineView,
             state, message = ("Failed" if download.failure else "Downloading"), download.status.get("message")
         else:
             state = "Failed" if refusal else "Loaded" if engines and loaded == len(engines) else "Loading"
-            message = refusal
+            message = refusal or (unasked if state == "Loading" else None)
         adapters.append(api.AdapterStatus.model_validate({
             "name": adapter.name, "state": state, "loadedReplicas": loaded, "replicas": len(engines),
             "message": message, "download": download.status if download is not None else None,
