@@ -15,7 +15,7 @@ from vllm_operator.adapters.engine import error_message
 from vllm_operator.adapters.plan import Plan, Refusal, loaded_adapters, plan, settled
 from vllm_operator.adapters.sync import ReplicaAdapters
 from vllm_operator.cache.download import Download
-from vllm_operator.reconcile.controller import EngineView, _adapter_status
+from vllm_operator.reconcile.controller import EngineView, _adapter_status, _gate_current
 from vllm_operator.reconcile.status import status_events
 from vllm_operator.render.adapters import READINESS_GATE, RUNTIME_UPDATES_ENV, wanted_adapters
 from vllm_operator.render.engine_args import engine_args, engine_env
@@ -187,3 +187,14 @@ def test_an_adapter_still_downloading_or_whose_download_failed_says_so() -> None
     assert (status["sql"]["state"], status["sql"]["download"]["percent"]) == ("Downloading", 40.0)
     assert status["sql"]["message"] == "downloading org/sql-lora: 4.0 MB of 10.0 MB"
     assert (status["gone"]["state"], status["gone"]["message"]) == ("Failed", "the download failed: no such repo")
+
+
+def test_a_gate_opened_before_the_engine_restarted_is_stale() -> None:
+    def pod(gate: str | None, started: str) -> dict[str, Any]:
+        conditions = [{"type": READINESS_GATE, "status": "True", "lastTransitionTime": gate}] if gate else []
+        return {"status": {"conditions": conditions, "containerStatuses": [
+            {"name": "vllm", "state": {"running": {"startedAt": started}}}]}}
+
+    assert _gate_current(pod("2026-12-02T01:00:40Z", started="2026-12-02T01:00:00Z"))
+    assert not _gate_current(pod("2026-12-02T01:00:40Z", started="2026-12-02T01:05:00Z"))  # restarted since
+    assert not _gate_current(pod(None, started="2026-12-02T01:00:00Z"))

@@ -6,7 +6,9 @@ is unloaded with no restart, and a replacement engine has them before it is Read
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -156,6 +158,30 @@ def test_a_removed_adapter_is_unloaded_from_the_running_engine_without_a_restart
     wait_for("poet gone from status.adapters", lambda: set(adapter_status(cluster, served)) == {"sql", "huge"}, 30)
 
 
+def ready(pod: client.V1Pod) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+
+def test_an_engine_that_restarts_in_its_pod_is_ready_again_only_with_its_adapters(
+        cluster: Cluster, served: str) -> None:
+    [before] = llmd.owned_pods(cluster.api_client, served, NAME)
+    restarts = before.status.container_statuses[0].restart_count
+    os.kill(int(before.status.container_statuses[0].container_id.removeprefix("localruntime://")), signal.SIGKILL)
+
+    def ready_again() -> client.V1Pod | None:
+        [pod] = llmd.owned_pods(cluster.api_client, served, NAME)
+        return pod if pod.status.container_statuses[0].restart_count > restarts and ready(pod) else None
+
+    deadline = time.monotonic() + LOAD_TIMEOUT
+    again = None
+    while again is None and time.monotonic() < deadline:
+        again = ready_again()
+        time.sleep(0.2)
+    assert again is not None, "the engine did not become Ready again"
+    # The gate opened for the engine before the restart was closed, and opened again once it had the adapter.
+    assert "sql" in listed(again)
+
+
 def test_a_replacement_engine_has_the_adapters_before_it_is_ready(cluster: Cluster, served: str) -> None:
     core = client.CoreV1Api(cluster.api_client)
     [old] = llmd.owned_pods(cluster.api_client, served, NAME)
@@ -163,8 +189,8 @@ def test_a_replacement_engine_has_the_adapters_before_it_is_ready(cluster: Clust
 
     def ready_replacement() -> client.V1Pod | None:
         pods = [p for p in llmd.owned_pods(cluster.api_client, served, NAME) if p.metadata.uid != old.metadata.uid]
-        ready = [p for p in pods if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
-        return ready[0] if ready else None
+        found = [p for p in pods if ready(p)]
+        return found[0] if found else None
 
     deadline = time.monotonic() + LOAD_TIMEOUT
     new = None

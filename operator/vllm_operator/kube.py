@@ -203,7 +203,7 @@ class EventLog:
         return posted
 
 
-def _timestamp() -> str:
+def now_rfc3339() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -410,7 +410,7 @@ class Kube:
         posted = self._events.entry((meta.get("uid"), namespace, meta["name"], type_, reason, message),
                                     time.monotonic())
         async with posted.lock:
-            now = _timestamp()
+            now = now_rfc3339()
             if posted.name:
                 try:
                     await self.request("PATCH", object_path("Event", namespace, posted.name),

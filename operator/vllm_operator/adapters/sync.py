@@ -21,7 +21,7 @@ from vllm_operator import observability
 from vllm_operator.adapters.engine import AdapterClient, EngineError
 from vllm_operator.adapters.plan import Refusal, loaded_adapters, plan, settled
 from vllm_operator.api import KeyRef
-from vllm_operator.kube import Kube, KubeError
+from vllm_operator.kube import Kube, KubeError, now_rfc3339
 from vllm_operator.reconcile.queue import Key
 from vllm_operator.render.adapters import READINESS_GATE
 
@@ -40,8 +40,9 @@ class AdapterTarget:
     wanted: Mapping[str, str]  # name -> folder
     served_name: str
     api_key: KeyRef | None
-    pods: Mapping[str, str]  # pod name -> base URL
-    gated: frozenset[str] = frozenset()  # pods whose readiness gate is still closed
+    pods: Mapping[str, str]  # pod name -> base URL of its started engine
+    gated: frozenset[str] = frozenset()  # started engines whose readiness gate is not open for them yet
+    stale: frozenset[str] = frozenset()  # Pods whose gate was opened for an engine that has restarted since
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,9 @@ class AdapterSync:
 
     async def sweep(self) -> None:
         targets = self.controller.adapter_targets()
+        # A restarted engine has lost its adapters: out of traffic until it has them again.
+        await asyncio.gather(*(self._gate(key[0], pod, opened=False) for key, target in targets.items()
+                               for pod in target.stale), return_exceptions=True)
         replicas = [(key, pod) for key, target in targets.items() for pod in target.pods]
         results = await asyncio.gather(*(self._replica(key, targets[key], pod) for key, pod in replicas))
         by_key: dict[Key, dict[str, ReplicaAdapters]] = {key: {} for key in targets}
@@ -130,7 +134,7 @@ class AdapterSync:
             refused.pop(name, None)
             observability.ADAPTER_CHANGES.labels(action="load").inc()
         if pod in target.gated and settled(wanted, loaded, refused):
-            await self._open_gate(key[0], pod)
+            await self._gate(key[0], pod, opened=True)
         return ReplicaAdapters(frozenset(name for name, path in loaded.items() if wanted.get(name) == path),
                                {name: refusal.message for name, refusal in refused.items()})
 
@@ -147,12 +151,16 @@ class AdapterSync:
         self._keys[(namespace, ref.name, ref.key)] = (self.clock(), value)
         return value
 
-    async def _open_gate(self, namespace: str, pod: str) -> None:
-        """The engine has what the spec lists: its readiness gate opens, and the kubelet may call it Ready."""
+    async def _gate(self, namespace: str, pod: str, opened: bool) -> None:
+        """Open the readiness gate of an engine that has what the spec lists (the kubelet may then call it Ready),
+        or close it. The time it opened tells a later restart of the engine (controller._gate_current)."""
+        reason, message = ("AdaptersLoaded", "the engine has every adapter of spec.adapters, or its refusal") \
+            if opened else ("EngineRestarted", "the engine restarted and is loading its adapters again")
         await self.kube.apply({
             "apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "namespace": namespace},
-            "status": {"conditions": [{"type": READINESS_GATE, "status": "True", "reason": "AdaptersLoaded",
-                                       "message": "the engine has every adapter of spec.adapters, or its refusal"}]},
+            "status": {"conditions": [{"type": READINESS_GATE, "status": "True" if opened else "False",
+                                       "reason": reason, "message": message,
+                                       "lastTransitionTime": now_rfc3339()}]},
         }, subresource="status")
 
     async def close(self) -> None:

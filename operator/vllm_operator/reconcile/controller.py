@@ -37,7 +37,7 @@ from vllm_operator.cache.hub import HubMetadata, Unjudged
 from vllm_operator.cache.progress import ProgressReader
 from vllm_operator.engines.metrics import EngineStats
 from vllm_operator.engines.startup import StartupStage
-from vllm_operator.kube import Kube, KubeError
+from vllm_operator.kube import Kube, KubeError, now_rfc3339
 from vllm_operator.reconcile.drift import controller_uid, matches, owned, stamped
 from vllm_operator.reconcile.queue import Key, WorkQueue, retry_delay
 from vllm_operator.reconcile.status import Observation, compute_status, status_events
@@ -87,10 +87,6 @@ def conflict_message(kind: str, name: str, obj: Mapping[str, Any], owner: Owner)
     advice = (f"delete or rename it, or set spec.cache.existingClaim: {name} to use it as the cache"
               if kind == "PersistentVolumeClaim" else "delete or rename it, or give the LLMDeployment another name")
     return f"{kind} {name} already exists and {holder}; the operator leaves it untouched: {advice}"
-
-
-def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -762,10 +758,12 @@ class Controller:
             if not lora_enabled(spec) or key not in self.resources or key not in self.engines:
                 continue
             started = self._started_engines(key)
+            pods = self.engine_pods(key)
             targets[key] = AdapterTarget(
                 wanted=dict(self.engines[key].wanted), served_name=served_model_name(spec, key[1]),
                 api_key=spec.api_key_secret_ref, pods={name: url for name, (url, _) in started.items()},
-                gated=frozenset(name for name, (_, pod) in started.items() if not _gate_open(pod)))
+                gated=frozenset(name for name, (_, pod) in started.items() if not _gate_current(pod)),
+                stale=frozenset(name for name, pod in pods.items() if _gate_open(pod) and not _gate_current(pod)))
         return targets
 
     def update_adapters(self, key: Key, replicas: dict[str, ReplicaAdapters]) -> None:
@@ -876,9 +874,28 @@ def _adapter_status(spec: LLMDeploymentSpec, view: EngineView,
     return adapters
 
 
-def _gate_open(pod: Mapping[str, Any]) -> bool:
+def _gate(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
     conditions = (pod.get("status") or {}).get("conditions") or []
-    return any(c.get("type") == READINESS_GATE and c.get("status") == "True" for c in conditions)
+    return next((c for c in conditions if c.get("type") == READINESS_GATE and c.get("status") == "True"), None)
+
+
+def _gate_open(pod: Mapping[str, Any]) -> bool:
+    return _gate(pod) is not None
+
+
+def _gate_current(pod: Mapping[str, Any]) -> bool:
+    """Whether the readiness gate was opened for the engine now running: a container restarted since (it lost
+    its adapters) makes it stale."""
+    gate = _gate(pod)
+    if gate is None:
+        return False
+    starts = [_time(((s.get("state") or {}).get("running") or {}).get("startedAt"))
+              for s in (pod.get("status") or {}).get("containerStatuses") or []]
+    return _time(gate.get("lastTransitionTime")) >= max(starts, default=datetime.min.replace(tzinfo=timezone.utc))
+
+
+def _time(stamp: str | None) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")) if stamp else datetime.min.replace(tzinfo=timezone.utc)
 
 
 def _started(pod: Mapping[str, Any]) -> bool:
