@@ -21,6 +21,7 @@ from kubernetes import client
 import llmd
 from devcluster import lora
 from devcluster.hub import LocalHub, folder_repo
+from devcluster.localruntime.spec import mount_namespaces
 from devcluster.operatorproc import OperatorProcess
 from devcluster.prefill import claim_folder
 from devcluster.pytest_plugin import Cluster, wait_for
@@ -51,6 +52,9 @@ def adapter_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 @pytest.fixture(scope="module")
 def served(operator: OperatorProcess, cluster: Cluster, hub: LocalHub,
            adapter_folders: dict[str, Path]) -> Iterator[str]:
+    if not mount_namespaces():
+        pytest.skip("the local runtime can hand an engine its volumes' container paths only in a mount namespace, "
+                    "which this machine refuses (docs/local-runtime.md)")
     hub.repos[HUB_REPO] = folder_repo(HUB_REPO, adapter_folders["sql"])
 
     def prepare(namespace: str) -> None:
