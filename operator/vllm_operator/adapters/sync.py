@@ -108,8 +108,8 @@ class AdapterSync:
                 return await self._reconcile(key, target, pod)
             except EngineError as exc:
                 return ReplicaAdapters(error=str(exc))
-            except KubeError as exc:
-                return ReplicaAdapters(error=f"reading the API key: {exc}")
+            except KubeError as exc:  # reading the API key's Secret, or opening the readiness gate
+                return ReplicaAdapters(error=f"the apiserver: {exc}")
 
     async def _reconcile(self, key: Key, target: AdapterTarget, pod: str) -> ReplicaAdapters:
         url, wanted = target.pods[pod], target.wanted
