@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,12 +175,8 @@ def test_an_engine_that_restarts_in_its_pod_is_ready_again_only_with_its_adapter
         [pod] = llmd.owned_pods(cluster.api_client, served, NAME)
         return pod if pod.status.container_statuses[0].restart_count > restarts and ready(pod) else None
 
-    deadline = time.monotonic() + LOAD_TIMEOUT
-    again = None
-    while again is None and time.monotonic() < deadline:
-        again = ready_again()
-        time.sleep(0.2)
-    assert again is not None, "the engine did not become Ready again"
+    # Polled often: the check below is of the moment it turns Ready.
+    again = wait_for("the engine Ready again", ready_again, LOAD_TIMEOUT, interval=0.2)
     # The gate opened for the engine before the restart was closed, and opened again once it had the adapter.
     assert "sql" in listed(again)
 
@@ -196,12 +191,7 @@ def test_a_replacement_engine_has_the_adapters_before_it_is_ready(cluster: Clust
         found = [p for p in pods if ready(p)]
         return found[0] if found else None
 
-    deadline = time.monotonic() + LOAD_TIMEOUT
-    new = None
-    while new is None and time.monotonic() < deadline:
-        new = ready_replacement()
-        time.sleep(0.2)
-    assert new is not None, "no replacement engine became Ready"
+    new = wait_for("a replacement engine Ready", ready_replacement, LOAD_TIMEOUT, interval=0.2)
     # The moment it is Ready for traffic, the engine has the adapter: its readiness gate waited for it.
     assert "sql" in listed(new)
     gate = next(c for c in new.status.conditions if c.type == READINESS_GATE)
