@@ -136,9 +136,20 @@ def test_an_engine_killed_mid_stream_ends_the_stream_with_an_error_and_the_other
         max_tokens=MAX_MODEL_LEN - 64, stream=True, extra_body={"ignore_eos": True})) for i in range(6)]
     for stream in streams:
         next(stream)
-    running = {pod.metadata.name: engine_sample(pod).requests_running
-               for pod in llmd.owned_pods(cluster.api_client, served, NAME)}
-    assert len(running) == 2 and all(running.values()), running
+    seen: dict[str, float] = {}
+
+    def both_decoding() -> bool:
+        # The engines' gauges follow their scheduler steps, so a busy CPU may show a replica's streams late.
+        seen.clear()
+        seen.update({pod.metadata.name: engine_sample(pod).requests_running
+                     for pod in llmd.owned_pods(cluster.api_client, served, NAME)})
+        return len(seen) == 2 and all(seen.values())
+
+    try:
+        wait_for("both engines decoding", both_decoding, 30, 0.5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: requests running by engine {seen}; the gateway's log ends with\n"
+                             f"{gateway.log()[-2000:]}") from exc
     doomed = llmd.owned_pods(cluster.api_client, served, NAME)[0]
     os.kill(int(doomed.status.container_statuses[0].container_id.removeprefix("localruntime://")), signal.SIGKILL)
 

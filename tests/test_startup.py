@@ -140,3 +140,22 @@ def test_replicas_that_started_or_went_leave_the_startup_stages() -> None:
             await monitor.close()
 
     asyncio.run(body())
+
+
+def test_a_replica_past_its_startup_probe_leaves_the_stages_before_the_logs_are_read_again() -> None:
+    # The stages come from a log reader that runs once per scrape; the Pod that started (and turned Ready) in
+    # between must not stay listed next to a Ready phase.
+    started = {"metadata": {"name": "llama-0"}, "status": {
+        "phase": "Running", "containerStatuses": [{"started": True, "state": {"running": {}}}],
+        "conditions": [{"type": "Ready", "status": "True"}]}}
+    starting = {"metadata": {"name": "llama-1"}, "status": {
+        "phase": "Running", "containerStatuses": [{"started": False, "state": {"running": {}}}]}}
+    startup = {"replicas": [{"pod": "llama-0", "stage": "StartingServer", "since": "2026-12-01T10:00:05Z"},
+                            {"pod": "llama-1", "stage": "LoadingWeights", "since": "2026-12-01T10:00:05Z"}]}
+    status = compute_status(Observation("llama", "ai", 1, 2, pods=[started, starting], startup=startup), {},
+                            "2026-12-01T10:01:00Z")
+    assert status["startup"] == {"replicas": [startup["replicas"][1]]}
+    status = compute_status(Observation("llama", "ai", 1, 1, pods=[started], startup=startup), {},
+                            "2026-12-01T10:01:00Z")
+    assert status["phase"] == "Ready"
+    assert "startup" not in status

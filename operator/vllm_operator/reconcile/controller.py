@@ -40,7 +40,7 @@ from vllm_operator.engines.startup import StartupStage
 from vllm_operator.kube import Kube, KubeError, now_rfc3339
 from vllm_operator.reconcile.drift import controller_uid, matches, owned, stamped
 from vllm_operator.reconcile.queue import Key, WorkQueue, retry_delay
-from vllm_operator.reconcile.status import Observation, compute_status, status_events
+from vllm_operator.reconcile.status import Observation, compute_status, past_startup, status_events
 from vllm_operator.reconcile.writes import Change, WriteBudget, classify, figures_moved
 from vllm_operator.render.engine_args import ENGINE_PORT, served_model_name
 from vllm_operator.render.manifests import (
@@ -739,7 +739,7 @@ class Controller:
         for name, pod in self.engine_pods(key).items():
             ip = (pod.get("status") or {}).get("podIP")
             running = (pod.get("status") or {}).get("phase") == "Running"
-            if ip and running and not pod["metadata"].get("deletionTimestamp") and _started(pod):
+            if ip and running and not pod["metadata"].get("deletionTimestamp") and past_startup(pod):
                 started[name] = (f"http://{_host(ip)}:{ENGINE_PORT}", pod)
         return started
 
@@ -780,7 +780,7 @@ class Controller:
         for key in self.pods:
             for name, pod in self.engine_pods(key).items():
                 statuses = (pod.get("status") or {}).get("containerStatuses") or []
-                if not pod["metadata"].get("deletionTimestamp") and statuses and not _started(pod) \
+                if not pod["metadata"].get("deletionTimestamp") and statuses and not past_startup(pod) \
                         and all("running" in (s.get("state") or {}) for s in statuses):
                     starting.setdefault(key, []).append(name)
         return starting
@@ -896,12 +896,6 @@ def _gate_current(pod: Mapping[str, Any]) -> bool:
 
 def _time(stamp: str | None) -> datetime:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")) if stamp else datetime.min.replace(tzinfo=timezone.utc)
-
-
-def _started(pod: Mapping[str, Any]) -> bool:
-    # Only engines past their startup probe serve /metrics; earlier scrapes would just fail.
-    statuses = (pod.get("status") or {}).get("containerStatuses") or []
-    return bool(statuses) and all(s.get("started") for s in statuses)
 
 
 def _host(ip: str) -> str:

@@ -69,6 +69,12 @@ class Observation:
     adapters: Sequence[Mapping[str, Any]] | None = None
 
 
+def past_startup(pod: Mapping[str, Any]) -> bool:
+    """Past its startup probe: only such engines serve /metrics, and their startup stages are over."""
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return bool(statuses) and all(s.get("started") for s in statuses)
+
+
 def _is_ready(pod: Mapping[str, Any]) -> bool:
     conditions = pod.get("status", {}).get("conditions") or []
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
@@ -189,6 +195,9 @@ def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> d
 
     pods = [p for p in obs.pods if not p.get("metadata", {}).get("deletionTimestamp")]
     ready = sum(1 for p in pods if _is_ready(p))
+    # The stages are read from the logs once per scrape; a Pod that started since is over them already.
+    starting = {p["metadata"]["name"] for p in pods if not past_startup(p)}
+    startup = [r for r in (obs.startup or {}).get("replicas") or [] if r["pod"] in starting]
     unschedulable = [(p["metadata"]["name"], m) for p in pods if (m := _unschedulable_message(p))]
     # Problems of the children themselves come first: they say why the Pods are missing or unreachable.
     children = [Problem("", "ChildConflict", conflict, blocking=True) for conflict in obs.conflicts]
@@ -224,9 +233,9 @@ def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> d
         ready_message = f"pod {unschedulable[0][0]}: {unschedulable[0][1]}"
     elif any((p.get("status") or {}).get("phase") == "Running" for p in pods):
         phase, ready_reason, ready_message = "Loading", "EngineLoading", "the engine is loading the model"
-        if obs.startup:
+        if startup:
             ready_message = "the engines are starting: " + ", ".join(
-                f"pod {r['pod']} {STAGE_WORDS[r['stage']]} since {r['since']}" for r in obs.startup["replicas"])
+                f"pod {r['pod']} {STAGE_WORDS[r['stage']]} since {r['since']}" for r in startup)
     else:
         phase, ready_reason, ready_message = "Pending", "PodsPending", "waiting for engine Pods to start"
         if any(CLAIM_BINDING in str(c.get("message")) for p in pods for c in p.get("status", {}).get("conditions") or []):
@@ -257,8 +266,8 @@ def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> d
             status[key] = value
     if obs.autoscaling is not None:
         status["autoscaling"] = dict(obs.autoscaling)
-    if obs.startup is not None:
-        status["startup"] = dict(obs.startup)
+    if startup:
+        status["startup"] = {**obs.startup, "replicas": startup}
     if obs.adapters is not None:
         status["adapters"] = [dict(adapter) for adapter in obs.adapters]
         status["loadedAdapters"] = sum(adapter["state"] == "Loaded" for adapter in obs.adapters)
