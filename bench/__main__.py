@@ -10,7 +10,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
-from bench import autoscale, burst, engine_start, fleet, freshness, gateway, latency, memory, sizes
+from bench import autoscale, burst, engine_start, fleet, freshness, gateway, latency, memory, prefix, sizes
 from bench.report import DOC, Row, previous_results, text_table, write_doc
 from bench.rig import SCRAPE_INTERVAL, Out, Rig, kubeconfig_answers, llmdeployment, rig
 from bench.tracker import expected_children, tracking
@@ -28,6 +28,8 @@ MEASUREMENTS = {
                     "cold and a shared model cache",
     "gateway": "the gateway pinned to one core against direct requests to the same simulated engine: added latency, "
                "requests per second and streamed time to first byte",
+    "prefix": "the engines' prefix cache hits through the gateway, PrefixHash against LeastLoad, on two real vLLM "
+              "replicas",
 }
 
 
@@ -63,7 +65,8 @@ def namespaces(size: sizes.Size, selected: set[str]) -> list[str]:
     found += [burst.namespace_for(count) for count in _burst_counts(size, selected)]
     found += [autoscale.NAMESPACE] if "autoscale" in selected else []
     found += [engine_start.NAMESPACE, engine_start.HUB_NAMESPACE] if "engine-start" in selected else []
-    return found + [gateway.NAMESPACE] if "gateway" in selected else found
+    found += [gateway.NAMESPACE] if "gateway" in selected else []
+    return found + [prefix.NAMESPACE] if "prefix" in selected else found
 
 
 async def _bursts(setting: Rig, size: sizes.Size, selected: set[str]) -> tuple[list[Row], list[str]]:
@@ -118,6 +121,9 @@ async def run(kubeconfig: Path, size: sizes.Size, selected: set[str], out: Out) 
         if "gateway" in selected:
             out("gateway")
             rows += await _guarded("gateway", gateway.measure(setting, size))
+        if "prefix" in selected:
+            out("prefix cache by routing strategy")
+            rows += await _guarded("prefix cache by routing strategy", prefix.measure(setting, size))
     return rows, sections
 
 
@@ -158,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         _out("\n(--only: docs/benchmarks.md left as it was)")
     else:
-        measured = (latency, burst, fleet, freshness, memory, autoscale, engine_start, gateway)
+        measured = (latency, burst, fleet, freshness, memory, autoscale, engine_start, gateway, prefix)
         methods = [m.method(size) for m in measured]
         _out(f"\nwritten to {write_doc(rows, previous, size, SCRAPE_INTERVAL, methods, sections)}")
     return 0

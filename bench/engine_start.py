@@ -48,14 +48,14 @@ def method(size: Size) -> str:
             "the compile cache the first one left.")
 
 
-async def _pods(rig: Rig, namespace: str, name: str) -> list[dict]:
+async def engine_pods(rig: Rig, namespace: str, name: str) -> list[dict]:
     found = await rig.kube.request("GET", f"/api/v1/namespaces/{namespace}/pods",
                                    params={"labelSelector": f"{SELECTOR_LABEL}={name}"})
     return list(found["items"])
 
 
 async def _running_pod_ip(rig: Rig, namespace: str, name: str) -> str | None:
-    for pod in await _pods(rig, namespace, name):
+    for pod in await engine_pods(rig, namespace, name):
         status = pod.get("status") or {}
         if not pod["metadata"].get("deletionTimestamp") and status.get("phase") == "Running" and status.get("podIP"):
             return str(status["podIP"])
@@ -63,7 +63,7 @@ async def _running_pod_ip(rig: Rig, namespace: str, name: str) -> str | None:
 
 
 async def _no_pods(rig: Rig, namespace: str, name: str) -> bool:
-    return not await _pods(rig, namespace, name)
+    return not await engine_pods(rig, namespace, name)
 
 
 async def _healthy(rig: Rig, ip: str) -> bool:
@@ -75,7 +75,7 @@ async def _healthy(rig: Rig, ip: str) -> bool:
         return False
 
 
-async def _ready(rig: Rig, namespace: str, name: str) -> bool:
+async def phase_ready(rig: Rig, namespace: str, name: str) -> bool:
     found = await rig.kube.get_or_none(llmdeployment_path(namespace, name))
     return bool(found and (found.get("status") or {}).get("phase") == "Ready")
 
@@ -93,7 +93,7 @@ async def _start_once(rig: Rig, manifest: dict, compile_cache: Path, warm: bool)
     started = time.monotonic()
     await rig.poll(f"/health of the engine at {ip}", lambda: _healthy(rig, ip), START_TIMEOUT, POLL_SECONDS)
     took = time.monotonic() - started
-    await rig.poll(f"{name} Ready", lambda: _ready(rig, namespace, name), START_TIMEOUT, POLL_SECONDS)
+    await rig.poll(f"{name} Ready", lambda: phase_ready(rig, namespace, name), START_TIMEOUT, POLL_SECONDS)
     wake = time.monotonic() - woken
     manifest["spec"]["replicas"] = 0
     await rig.kube.apply_llmdeployment(manifest)
@@ -110,7 +110,7 @@ async def _apply_to_ready(rig: Rig, manifest: dict) -> float:
     namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
     applied = time.monotonic()
     await rig.kube.apply_llmdeployment(manifest)
-    await rig.poll(f"{name} Ready", lambda: _ready(rig, namespace, name), START_TIMEOUT, POLL_SECONDS)
+    await rig.poll(f"{name} Ready", lambda: phase_ready(rig, namespace, name), START_TIMEOUT, POLL_SECONDS)
     took = time.monotonic() - applied
     await rig.kube.request("DELETE", llmdeployment_path(namespace, name))
     await rig.poll(f"the engine Pod of {name} gone", lambda: _no_pods(rig, namespace, name), 120)

@@ -191,8 +191,10 @@ def pin(pid: int, cpu: int) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _gateway_process(rig: Rig, namespace: str) -> AsyncIterator[tuple[str, int]]:
-    """`vllm-operator gateway` serving ``namespace``, pinned to this machine's last core: its URL and pid."""
+async def gateway_process(rig: Rig, namespace: str, model: str = NAME,
+                          timeout: float = START_TIMEOUT) -> AsyncIterator[tuple[str, int]]:
+    """`vllm-operator gateway` serving ``namespace``, pinned to this machine's last core, once it routes
+    ``model``: its URL and pid."""
     port = free_port()
     log_file = Path(tempfile.mkdtemp(prefix="vllm-operator-bench-gateway-")) / "gateway.log"
     with log_file.open("wb") as log:
@@ -212,10 +214,10 @@ async def _gateway_process(rig: Rig, namespace: str) -> AsyncIterator[tuple[str,
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 async with rig.http.get(f"{url}/v1/models") as response:
                     models = (await response.json())["data"] if response.status == 200 else []
-                    return any(m["id"] == NAME and m["ready_replicas"] for m in models)
+                    return any(m["id"] == model and m["ready_replicas"] for m in models)
             return False
 
-        await rig.poll(f"the gateway routing {NAME}", routable, START_TIMEOUT)
+        await rig.poll(f"the gateway routing {model}", routable, timeout)
         pin(process.pid, cpu)  # the threads it started meanwhile too
         rig.out(f"  gateway pid {process.pid} on cpu {cpu}, log {log_file}")
         yield url, process.pid
@@ -255,7 +257,7 @@ async def measure(rig: Rig, size: Size) -> list[Row]:
         await rig.kube.apply_llmdeployment(manifest)
         await rig.poll(f"{NAME} Ready", lambda: _ready(rig, namespace), START_TIMEOUT)
         direct = await rig.poll(f"the engine of {NAME} answering", lambda: _engine_url(rig, namespace), START_TIMEOUT)
-        async with _gateway_process(rig, namespace) as (gateway, pid), aiohttp.ClientSession(
+        async with gateway_process(rig, namespace) as (gateway, pid), aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=CONCURRENCY), timeout=aiohttp.ClientTimeout(total=30)) as http:
             latency = await _taking_turns(http, direct, gateway, _complete, size.gateway_requests)
             rig.out(f"  gateway latency: {latency.result()}; load average {os.getloadavg()[0]:.1f}")

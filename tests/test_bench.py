@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import REGISTRY, generate_latest
 
 from bench import __main__ as bench_main
-from bench import autoscale, burst, engine_start, fleet, freshness, gateway, latency, memory, metrics
+from bench import autoscale, burst, engine_start, fleet, freshness, gateway, latency, memory, metrics, prefix
 from bench.kube import BenchKube
 from bench.report import Row, page, previous_results, text_table
 from bench.rig import SCRAPE_INTERVAL
@@ -306,8 +306,9 @@ def test_the_operator_serves_every_namespace_the_selected_measurements_use_and_n
     assert bench_main.namespaces(small, {"fleet"}) == [burst.namespace_for(small.fleet)]
     assert bench_main.namespaces(small, set(bench_main.MEASUREMENTS)) == [
         latency.NAMESPACE, *(burst.namespace_for(count) for count in small.bursts), autoscale.NAMESPACE,
-        engine_start.NAMESPACE, engine_start.HUB_NAMESPACE, gateway.NAMESPACE]
+        engine_start.NAMESPACE, engine_start.HUB_NAMESPACE, gateway.NAMESPACE, prefix.NAMESPACE]
     assert bench_main.namespaces(small, {"gateway"}) == [gateway.NAMESPACE]
+    assert bench_main.namespaces(small, {"prefix"}) == [prefix.NAMESPACE]
 
 
 def test_autoscaler_rows_count_no_scale_change_in_a_steady_or_oscillating_hour() -> None:

@@ -17,6 +17,7 @@ import pytest
 from kubernetes import client
 
 import llmd
+from devcluster import prefixload
 from devcluster.operatorproc import OperatorProcess
 from devcluster.prefill import prefill_model_cache
 from devcluster.pytest_plugin import Cluster, wait_for
@@ -75,38 +76,31 @@ def route_by(cluster: Cluster, namespace: str, openai_client: openai.OpenAI, str
         m for m in openai_client.models.list() if m.id == NAME).model_extra["routing"] == strategy, 20)
 
 
-def engine_sample(pod: client.V1Pod) -> EngineSample:
+def engine_metrics(pod: client.V1Pod) -> str:
     with urllib.request.urlopen(f"http://{pod.status.pod_ip}:8000/metrics", timeout=10) as answer:
-        return parse_sample(answer.read().decode(), 0.0)
+        return answer.read().decode()
 
 
-def prefix_cache(cluster: Cluster, namespace: str) -> tuple[float, float]:
-    """(hits, queries) of the prefix cache, in tokens, summed over the tiny model's engines."""
-    hits = queries = 0.0
-    for pod in llmd.owned_pods(cluster.api_client, namespace, NAME):
-        sample = engine_sample(pod)
-        hits += sample.prefix_cache_hits.value
-        queries += sample.prefix_cache_queries.value
-    return hits, queries
+def engine_sample(pod: client.V1Pod) -> EngineSample:
+    return parse_sample(engine_metrics(pod), 0.0)
 
 
 def test_prefix_hash_finds_more_of_a_shared_prompt_in_cache_than_least_load(
         cluster: Cluster, served: str, gateway: GatewayProcess) -> None:
     openai_client = gateway.client(timeout=120)
+
+    def counters() -> tuple[float, float]:
+        return prefixload.prefix_counters(engine_metrics(pod) for pod in llmd.owned_pods(cluster.api_client, served, NAME))
+
     hit_percent: dict[str, float] = {}
     for strategy in ("LeastLoad", "PrefixHash"):
         route_by(cluster, served, openai_client, strategy)
-        hits, queries = prefix_cache(cluster, served)
-        # Seven teams, each with its own system prompt, ask four questions each, the teams taking turns.
-        for question in range(4):
-            for team in range(7):
-                system = f"{strategy} team {team}: " + " ".join(f"rule {team}-{i} applies." for i in range(12))
-                openai_client.chat.completions.create(
-                    model=NAME, max_tokens=1,
-                    messages=[{"role": "system", "content": system}, {"role": "user", "content": f"Question {question}?"}])
-        after_hits, after_queries = prefix_cache(cluster, served)
-        hit_percent[strategy] = 100 * (after_hits - hits) / (after_queries - queries)
-    print(f"prefix cache hits, 28 requests of 7 shared system prompts over 2 replicas: {hit_percent}")
+        before = counters()
+        for messages in prefixload.chats(strategy):
+            openai_client.chat.completions.create(**prefixload.request_body(NAME, messages))
+        hit_percent[strategy] = prefixload.hit_percent(before, counters())
+    print(f"prefix cache hits, {prefixload.REQUESTS} requests of {prefixload.TEAMS} shared system prompts over "
+          f"2 replicas: {hit_percent}")
     assert hit_percent["PrefixHash"] > hit_percent["LeastLoad"], hit_percent
 
 
