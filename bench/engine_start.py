@@ -136,17 +136,24 @@ async def _cold_and_shared(rig: Rig) -> tuple[float, float]:
     return times_[0], times_[1]
 
 
-async def measure(rig: Rig, size: Size) -> list[Row]:
+async def prefilled_example(rig: Rig, namespace: str, access_mode: str | None = None) -> dict:
+    """`examples/cpu-tiny.yaml` applied in ``namespace`` at 0 replicas, its cache claim filled with the tiny model."""
     await asyncio.to_thread(engine.ensure)
     await asyncio.to_thread(engine.model)
     manifest = yaml.safe_load(EXAMPLE.read_text())
-    name = manifest["metadata"]["name"]
+    manifest["metadata"]["namespace"] = namespace
+    if access_mode is not None:
+        manifest["spec"]["cache"]["accessMode"] = access_mode
+    manifest["spec"]["replicas"] = 0  # no engine until the model is in the claim
+    await rig.kube.apply_llmdeployment(manifest)
+    await asyncio.to_thread(prefill_model_cache, rig.api_client, namespace, manifest["metadata"]["name"])
+    return manifest
+
+
+async def measure(rig: Rig, size: Size) -> list[Row]:
     async with rig.namespace(NAMESPACE) as namespace:
-        manifest["metadata"]["namespace"] = namespace
-        # No engine until the model is in the claim.
-        manifest["spec"]["replicas"] = 0
-        await rig.kube.apply_llmdeployment(manifest)
-        await asyncio.to_thread(prefill_model_cache, rig.api_client, namespace, name)
+        manifest = await prefilled_example(rig, namespace)
+        name = manifest["metadata"]["name"]
         folder = await asyncio.to_thread(claim_folder, rig.api_client, namespace, cache_claim_name(name))
         compile_cache = folder / PurePosixPath(VLLM_CACHE_ROOT).relative_to(CACHE_MOUNT)
         cold, warm, wakes = [], [], []

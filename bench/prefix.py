@@ -3,20 +3,17 @@ same shared-prefix workload sent under each strategy, judged by the engines' own
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import Any
 
 import aiohttp
-import yaml
 
-from bench.engine_start import EXAMPLE, START_TIMEOUT, engine_pods, phase_ready
+from bench.engine_start import START_TIMEOUT, engine_pods, phase_ready, prefilled_example
 from bench.gateway import gateway_process
 from bench.report import Row
 from bench.rig import Rig
 from bench.sizes import Size
-from devcluster import engine, prefixload
-from devcluster.prefill import prefill_model_cache
+from devcluster import prefixload
 from vllm_operator.render.engine_args import ENGINE_PORT
 
 NAMESPACE = "bench-prefix"
@@ -67,16 +64,9 @@ async def _hit_percent(rig: Rig, manifest: dict, gateway: str, strategy: str) ->
 
 
 async def measure(rig: Rig, size: Size) -> list[Row]:
-    await asyncio.to_thread(engine.ensure)
-    await asyncio.to_thread(engine.model)
-    manifest = yaml.safe_load(EXAMPLE.read_text())
-    name = manifest["metadata"]["name"]
     async with rig.namespace(NAMESPACE) as namespace:
-        manifest["metadata"]["namespace"] = namespace
-        manifest["spec"]["cache"]["accessMode"] = "ReadWriteMany"
-        manifest["spec"]["replicas"] = 0  # no engine until the model is in the claim
-        await rig.kube.apply_llmdeployment(manifest)
-        await asyncio.to_thread(prefill_model_cache, rig.api_client, namespace, name)
+        manifest = await prefilled_example(rig, namespace, "ReadWriteMany")
+        name = manifest["metadata"]["name"]
         manifest["spec"]["replicas"] = REPLICAS
         await rig.kube.apply_llmdeployment(manifest)
         await rig.poll(f"{name} Ready on {REPLICAS} replicas", lambda: phase_ready(rig, namespace, name),
