@@ -5,6 +5,7 @@ apiserver on 127.0.0.1 plays the answers; Event aggregation runs against the loc
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import ssl
 import time
@@ -24,7 +25,8 @@ from devcluster.pytest_plugin import Cluster
 from vllm_operator import cli, kubeconfig
 from vllm_operator.handlers import RunOptions
 from vllm_operator.kube import (
-    RETRY_AFTER_CAP, RETRY_ATTEMPTS, Credentials, EventLog, Kube, KubeError, TokenBucket, retry_delay, yaml_safe_json,
+    RETRY_AFTER_CAP, RETRY_ATTEMPTS, Credentials, EventLog, Kube, KubeError, SecretKeys, TokenBucket, retry_delay,
+    yaml_safe_json,
 )
 
 Answer = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
@@ -382,3 +384,35 @@ def test_request_bodies_are_json_that_yaml_reads_back_unchanged(text: str) -> No
     body = {"metadata": {"annotations": {"note": text}}, "data": {text: text}}
     encoded = yaml_safe_json(body)
     assert json.loads(encoded) == body and yaml.safe_load(encoded) == body
+
+
+def test_secret_keys_are_read_again_only_after_their_ttl_and_a_missing_one_is_remembered_as_none(
+        tmp_path: Path) -> None:
+    now = [0.0]
+    reads = {"api": 0}
+
+    async def answer(request: web.Request, _: int) -> web.Response:
+        name = request.path.rsplit("/", 1)[-1]
+        if name == "api":
+            reads["api"] += 1
+            return web.json_response({"data": {"key": base64.b64encode(f"v{reads['api']}\n".encode()).decode()}})
+        return status(403, "Forbidden") if name == "forbidden" else status(404, "NotFound")
+
+    async def body() -> None:
+        async with apiserver(answer) as (fake, url), kube_for(tmp_path, url) as kube:
+            keys = SecretKeys(kube, ttl=30, clock=lambda: now[0])
+            assert await keys.get("ns", "api", "key") == "v1\n"  # byte for byte, as the engine gets it
+            now[0] = 29.0
+            assert await keys.get("ns", "api", "key") == "v1\n"
+            now[0] = 30.0
+            assert await keys.get("ns", "api", "key") == "v2\n"  # a rotated key, once the ttl is over
+            assert await keys.get("ns", "api", "other") is None
+            assert await keys.get("ns", "gone", "key") is None
+            asked = len(fake.seen)
+            assert await keys.get("ns", "gone", "key") is None
+            assert len(fake.seen) == asked
+            with pytest.raises(KubeError) as refused:
+                await keys.get("ns", "forbidden", "key")
+            assert refused.value.status == 403
+
+    run(body)

@@ -25,6 +25,7 @@ whenever it is installed. Neither retries a 429 or limits its own rate, so those
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
 import re
@@ -32,7 +33,7 @@ import ssl
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping
@@ -443,3 +444,36 @@ class Kube:
                 "count": 1,
             })
             posted.name, posted.count = created["metadata"]["name"], 1
+
+
+# How long a Secret's key is trusted before it is read again: a rotated key works within this.
+SECRET_TTL_SECONDS = 30.0
+
+
+class SecretKeys:
+    """The values of Secret keys (the engines' API key), each read at most once per ``ttl`` seconds. A missing
+    Secret or key is None, remembered as a value is, so that callers refused for it do not each ask again; any
+    other refusal raises KubeError."""
+
+    def __init__(self, kube: Kube, ttl: float = SECRET_TTL_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.kube = kube
+        self.ttl = ttl
+        self.clock = clock
+        self._read: dict[tuple[str, str, str], tuple[float, str | None]] = {}
+
+    async def get(self, namespace: str, name: str, key: str) -> str | None:
+        read = self._read.get((namespace, name, key))
+        if read is not None and self.clock() - read[0] < self.ttl:
+            return read[1]
+        try:
+            secret = await self.kube.get("Secret", namespace, name)
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+            secret = {}
+        encoded = (secret.get("data") or {}).get(key)
+        # As the engine gets it in VLLM_API_KEY: byte for byte, a trailing newline included.
+        value = base64.b64decode(encoded).decode() if encoded else None
+        self._read[(namespace, name, key)] = (self.clock(), value)
+        return value

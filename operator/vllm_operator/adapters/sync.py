@@ -10,7 +10,6 @@ refusal still opens the gate: the base model and the other adapters serve meanwh
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -21,7 +20,7 @@ from vllm_operator import observability
 from vllm_operator.adapters.engine import AdapterClient, EngineError
 from vllm_operator.adapters.plan import Refusal, loaded_adapters, plan, settled
 from vllm_operator.api import KeyRef
-from vllm_operator.kube import Kube, KubeError, now_rfc3339
+from vllm_operator.kube import Kube, KubeError, SecretKeys, now_rfc3339
 from vllm_operator.reconcile.queue import Key
 from vllm_operator.render.adapters import READINESS_GATE
 
@@ -29,8 +28,6 @@ log = logging.getLogger("vllm_operator.adapters")
 
 # Engines talked to at once; each talk is a listing and, now and then, a load.
 CONCURRENCY = 32
-# An API key read from its Secret is used this long before it is read again (a rotated key is picked up).
-KEY_TTL_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -71,7 +68,7 @@ class AdapterSync:
         self.client = client if client is not None else AdapterClient()
         self.clock = clock
         self._refused: dict[tuple[Key, str], dict[str, Refusal]] = {}
-        self._keys: dict[tuple[str, str, str], tuple[float, str | None]] = {}
+        self.keys = SecretKeys(kube, clock=clock)
         self._limit = asyncio.Semaphore(CONCURRENCY)
         self._reported: set[Key] = set()
 
@@ -140,16 +137,7 @@ class AdapterSync:
 
     async def _api_key(self, namespace: str, ref: KeyRef | None) -> str | None:
         """The engines' API key, from the Secret spec.apiKeySecretRef names."""
-        if ref is None:
-            return None
-        cached = self._keys.get((namespace, ref.name, ref.key))
-        if cached is not None and self.clock() - cached[0] < KEY_TTL_SECONDS:
-            return cached[1]
-        secret = await self.kube.get("Secret", namespace, ref.name)
-        encoded = (secret.get("data") or {}).get(ref.key)
-        value = base64.b64decode(encoded).decode() if encoded else None
-        self._keys[(namespace, ref.name, ref.key)] = (self.clock(), value)
-        return value
+        return None if ref is None else await self.keys.get(namespace, ref.name, ref.key)
 
     async def _gate(self, namespace: str, pod: str, opened: bool) -> None:
         """Open the readiness gate of an engine that has what the spec lists (the kubelet may then call it Ready),

@@ -45,9 +45,11 @@ PVC_MODEL_PATTERN = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^/].*)?$"
 # Unicode's whitespace, spelled out: \s is all of it to pydantic's regex engine but ASCII only to the apiserver's
 # (RE2), so a pattern with \s would let the apiserver accept what the operator then refuses.
 WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-NO_WHITESPACE_PATTERN = f"^[^{WHITESPACE}]+$"
+# Names, references and paths take neither whitespace nor control characters (C0, DEL, C1).
+UNPRINTABLE = WHITESPACE + "\x00-\x1f\x7f-\x9f"
+PRINTABLE_PATTERN = f"^[^{UNPRINTABLE}]+$"
 # A glob over paths inside a repo (fnmatch, as huggingface_hub filters files): relative, no spaces.
-FILE_PATTERN = f"^[^/{WHITESPACE}][^{WHITESPACE}]*$"
+FILE_PATTERN = f"^[^/{UNPRINTABLE}][^{UNPRINTABLE}]*$"
 PARENT_SEGMENT = r"(^|/)[.][.](/|$)"  # no backslash: it is also a CEL string
 PATTERNS_MESSAGE = "model.allowPatterns and model.ignorePatterns are globs of paths inside the repo, without '..'"
 # The files vLLM loads a safetensors checkpoint from: configs, tokenizers, chat templates, weights and their
@@ -200,7 +202,7 @@ class ModelSpec(ApiModel):
     )
     revision: str | None = Field(
         None, description="Branch, tag or commit of the Hugging Face repo. Default: the repo's default branch.",
-        min_length=1, max_length=255,
+        min_length=1, max_length=255, pattern=PRINTABLE_PATTERN,
     )
     tokenizer: str | None = Field(
         None, description="Another Hugging Face repo id or path to load the tokenizer from. Default: the model's.",
@@ -209,7 +211,7 @@ class ModelSpec(ApiModel):
     served_name: str | None = Field(
         None,
         description="Model name clients put in OpenAI API requests. Default: metadata.name.",
-        min_length=1, max_length=255, pattern=NO_WHITESPACE_PATTERN,
+        min_length=1, max_length=255, pattern=PRINTABLE_PATTERN,
     )
     trust_remote_code: bool = Field(
         False, description="Allow the model repo's own Python code to run (needed by some architectures)."
@@ -467,7 +469,7 @@ class EngineSpec(ApiModel):
     openvino: OpenVINOSpec | None = Field(None, description="OpenVINO backend settings (with backend: openvino).")
     image: str | None = Field(
         None, description="Engine container image. Default: the accelerator profile's image for the backend.",
-        min_length=1, max_length=512, pattern=NO_WHITESPACE_PATTERN,
+        min_length=1, max_length=512, pattern=PRINTABLE_PATTERN,
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         None, description="Image pull policy of the engine container. Default: IfNotPresent."
@@ -893,11 +895,12 @@ class AutoscalingSpec(ApiModel):
 
 
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.:/]*[A-Za-z0-9])?$"
-# The form, in CEL with a message of its own; the OpenAPI pattern adds what CEL cannot spell (no whitespace).
+# The form, in CEL with a message of its own; the OpenAPI pattern adds what CEL cannot spell (no whitespace or
+# control characters).
 HF_ADAPTER = "hf://" + HF_REPO_ID_PATTERN[1:-1]
 ADAPTER_SOURCE_FORM = f"^({HF_ADAPTER}$|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.|file:///)"
 ADAPTER_SOURCE_PATTERN = (
-    rf"^({HF_ADAPTER}|(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/[^{WHITESPACE}]|file:///)[^{WHITESPACE}]*)$"
+    rf"^({HF_ADAPTER}|(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/[^{UNPRINTABLE}]|file:///)[^{UNPRINTABLE}]*)$"
 )
 ADAPTER_SOURCE_MESSAGE = (
     "adapters[].source must be hf://<org>/<repo> (a Hugging Face repo), pvc://<claim>/<folder of the adapter on "
@@ -948,7 +951,7 @@ class AdapterSpec(ApiModel):
     )
     revision: str | None = Field(
         None, description="Branch, tag or commit of an adapter from the hub. Default: the repo's default branch.",
-        min_length=1, max_length=255, pattern=NO_WHITESPACE_PATTERN,
+        min_length=1, max_length=255, pattern=PRINTABLE_PATTERN,
     )
 
     @model_validator(mode="after")

@@ -10,16 +10,14 @@ shared by every request that arrives while it loads.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 from vllm_operator import api
-from vllm_operator.kube import Kube, KubeError
+from vllm_operator.kube import Kube, KubeError, SecretKeys
 from vllm_operator.render.engine_args import ENGINE_PORT
 from vllm_operator.render.manifests import SELECTOR_LABEL
 
@@ -33,8 +31,6 @@ WATCH_SECONDS = 300
 RELIST_DELAY = 1.0
 # Engine Pods only: benchmark and model-puller Pods carry the LLMDeployment's label too.
 ENGINE_PODS = f"{SELECTOR_LABEL},app.kubernetes.io/component=engine"
-# How long a Secret's key is trusted before it is read again: a rotated key works within this.
-SECRET_TTL = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,17 +117,12 @@ class WakeTimeout(Exception):
 
 
 @dataclass
-class _Secret:
-    value: str | None
-    read_at: float
-
-
-@dataclass
 class Fleet:
     """The LLMDeployments and Ready engine addresses of the watched namespaces; ``None``: every namespace."""
 
     kube: Kube
     namespaces: tuple[str, ...] | None = None
+    secret_keys: SecretKeys = field(init=False)
     deployments: dict[Key, Served] = field(default_factory=dict)
     endpoints: dict[Key, dict[str, str]] = field(default_factory=dict)  # -> pod name -> host:port
     by_model: dict[str, Served] = field(default_factory=dict)
@@ -139,8 +130,10 @@ class Fleet:
     on_wake: Callable[[Served], None] = lambda served: None  # called once per scale-up from zero
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _wakes: dict[Key, asyncio.Task[None]] = field(default_factory=dict)
-    _secrets: dict[tuple[str, str, str], _Secret] = field(default_factory=dict)
     _synced: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.secret_keys = SecretKeys(self.kube)
 
     # -- watching ---------------------------------------------------------------------------------
 
@@ -279,21 +272,7 @@ class Fleet:
             await self._changed.wait()
 
     async def api_key(self, served: Served) -> str | None:
-        """The key in ``served``'s API key Secret, read at most every SECRET_TTL seconds; None when the Secret or
-        its key is missing; KubeError when it cannot be read."""
+        """The key in ``served``'s API key Secret (None when the Secret or its key is missing); KubeError when it
+        cannot be read."""
         assert served.api_key_ref is not None
-        name, item = served.api_key_ref
-        cached = self._secrets.get((served.namespace, name, item))
-        now = time.monotonic()
-        if cached is None or now - cached.read_at > SECRET_TTL:
-            try:
-                secret = await self.kube.request("GET", f"/api/v1/namespaces/{served.namespace}/secrets/{name}")
-            except KubeError as exc:
-                if exc.status != 404:
-                    raise
-                secret = {}  # no Secret, no key that matches: remembered, so refusals do not each ask again
-            encoded = (secret.get("data") or {}).get(item)
-            # As the engine gets it in VLLM_API_KEY: byte for byte, a trailing newline included.
-            cached = _Secret(base64.b64decode(encoded).decode() if encoded else None, now)
-            self._secrets[(served.namespace, name, item)] = cached
-        return cached.value
+        return await self.secret_keys.get(served.namespace, *served.api_key_ref)
