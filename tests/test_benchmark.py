@@ -254,6 +254,20 @@ def test_a_second_request_waits_while_one_runs() -> None:
     assert [e[1] for e in plan.events] == ["BenchmarkWaiting"]
 
 
+def test_a_running_job_whose_status_write_was_lost_keeps_its_settings_to_the_end() -> None:
+    # The status that started the Job never reached the apiserver: the next reconcile sees the Job alone.
+    jobs = [a_job("r1")]
+    plan = benchmark.plan(parsed(), None, a_spec(), OWNER, jobs, [], None, NOW)
+    assert plan.create is None and plan.status is not None and plan.status["id"] == "r1"
+    started = benchmark.plan(benchmark.parse_request(annotated({"id": "r1"})), None, a_spec(), OWNER, [], [], None, NOW)
+    assert started.status is not None and plan.status["settings"] == started.status["settings"]
+    message = wrapper.message({"startTime": "2026-12-01T17:59:01Z", "completionTime": "2026-12-01T17:59:30Z",
+                               "result": wrapper.figures(real_result("bench-serve-ok.json"))})
+    done = benchmark.plan(parsed(), None, a_spec(), OWNER, [a_job("r1", "Complete")], [a_pod("r1", message)],
+                          {k: v for k, v in plan.status.items() if k != "settings"}, NOW)
+    assert done.status is not None and done.status["settings"] == plan.status["settings"]
+
+
 def test_a_finished_run_is_recorded_then_its_job_deleted_and_the_next_one_started() -> None:
     message = wrapper.message({"startTime": "2026-12-01T17:59:01Z", "completionTime": "2026-12-01T17:59:30Z",
                                "result": wrapper.figures(real_result("bench-serve-ok.json"))})

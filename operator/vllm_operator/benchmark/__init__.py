@@ -28,6 +28,8 @@ from vllm_operator.render.manifests import Manifest, Owner, common_labels, run_o
 from vllm_operator.render.profiles import profile_for
 
 ID_ANNOTATION = f"{api.GROUP}/benchmark-id"
+# The run's settings on its Job too: a status write that was lost cannot lose them.
+SETTINGS_ANNOTATION = f"{api.GROUP}/benchmark-settings"
 COMPONENT = "benchmark"
 MESSAGE_PATH = "/dev/termination-log"
 WRAPPER = (Path(__file__).parent / "wrapper.py").read_text()
@@ -194,7 +196,8 @@ def job(spec: LLMDeploymentSpec, owner: Owner, request: BenchmarkRequest) -> Man
     # A failed benchmark is reported, not repeated against a model that may be struggling.
     return run_once_job(spec, owner, job_name(owner.name, request.id), COMPONENT, container, pod,
                         {"backoffLimit": 0, "activeDeadlineSeconds": DEADLINE_SECONDS},
-                        annotations={ID_ANNOTATION: request.id})
+                        annotations={ID_ANNOTATION: request.id,
+                                     SETTINGS_ANNOTATION: json.dumps(_settings(request), sort_keys=True)})
 
 
 def results(report: Mapping[str, Any]) -> BenchmarkResults:
@@ -270,6 +273,15 @@ def _settings(request: BenchmarkRequest) -> dict[str, Any]:
     return request.resolved().model_dump(by_alias=True, exclude_none=True, exclude={"id"})
 
 
+def _job_settings(job_body: Mapping[str, Any]) -> dict[str, Any] | None:
+    text = (job_body["metadata"].get("annotations") or {}).get(SETTINGS_ANNOTATION)
+    try:
+        settings = json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
 def _status(**fields: Any) -> dict[str, Any]:
     return api.BenchmarkStatus.model_validate(fields).model_dump(by_alias=True, exclude_none=True)
 
@@ -282,6 +294,7 @@ def _outcome(previous: Mapping[str, Any], job_body: Mapping[str, Any], pod: Mapp
     if terminated is None and not failed:
         return None
     base = {k: v for k, v in previous.items() if k not in ("phase", "message", "completionTime", "results", "report")}
+    base.setdefault("settings", _job_settings(job_body))
     text = (terminated or {}).get("message") or ""
     try:
         report = json.loads(text)
@@ -299,7 +312,7 @@ def _outcome(previous: Mapping[str, Any], job_body: Mapping[str, Any], pod: Mapp
     figures = results(report.get("result") or {})
     name = report_name(owner_name)
     full = {"id": previous["id"], "job": job_body["metadata"]["name"], "startTime": start,
-            "completionTime": completed_at, "settings": previous.get("settings"), "result": report.get("result")}
+            "completionTime": completed_at, "settings": base.get("settings"), "result": report.get("result")}
     data = {"report.json": json.dumps(full, indent=2, sort_keys=True)}
     if figures.completed_requests == 0:
         return _status(**{**base, "startTime": start}, phase="Failed", completionTime=completed_at, report=name,
@@ -347,7 +360,8 @@ def plan(parsed: Parsed | None, unready: str | None, spec: LLMDeploymentSpec, ow
         current_id = current["metadata"].get("annotations", {}).get(ID_ANNOTATION, "")
         if status is None or status.get("id") != current_id or status.get("phase") != "Running":
             status = _status(id=current_id, phase="Running", job=current["metadata"]["name"],
-                             startTime=now, message=f"running Job {current['metadata']['name']}")
+                             startTime=now, message=f"running Job {current['metadata']['name']}",
+                             settings=_job_settings(current))
         message = f"running Job {current['metadata']['name']}"
         if wanted is not None and wanted != current_id:
             message += f"; request {wanted} waits for it to finish (one benchmark at a time)"
