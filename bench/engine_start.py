@@ -19,6 +19,7 @@ from devcluster import engine
 from devcluster.cluster import REPO_ROOT
 from devcluster.hub import TINY_REPO
 from devcluster.prefill import claim_folder, prefill_model_cache
+from vllm_operator.gateway.watch import ENGINE_PODS
 from vllm_operator.render.engine_args import CACHE_MOUNT, ENGINE_PORT, VLLM_CACHE_ROOT
 from vllm_operator.render.manifests import SELECTOR_LABEL, cache_claim_name
 
@@ -49,8 +50,9 @@ def method(size: Size) -> str:
 
 
 async def engine_pods(rig: Rig, namespace: str, name: str) -> list[dict]:
+    # Download and benchmark Pods carry the LLMDeployment's label too.
     found = await rig.kube.request("GET", f"/api/v1/namespaces/{namespace}/pods",
-                                   params={"labelSelector": f"{SELECTOR_LABEL}={name}"})
+                                   params={"labelSelector": f"{ENGINE_PODS},{SELECTOR_LABEL}={name}"})
     return list(found["items"])
 
 
