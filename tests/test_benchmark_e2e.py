@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -35,6 +36,23 @@ def benchmark_status(cluster: Cluster, namespace: str, name: str) -> dict[str, A
 
 def jobs(cluster: Cluster, namespace: str) -> list[client.V1Job]:
     return list(client.BatchV1Api(cluster.api_client).list_namespaced_job(namespace).items)
+
+
+def explain(cluster: Cluster, namespace: str, name: str) -> Callable[[], str]:
+    """What the benchmark's status, Jobs and Pods (with their logs' tails) say: a timeout's evidence."""
+    def describe() -> str:
+        core = client.CoreV1Api(cluster.api_client)
+        lines = [f"status.benchmark: {benchmark_status(cluster, namespace, name)}",
+                 f"phase: {((llmd.get(cluster.api_client, namespace, name) or {}).get('status') or {}).get('phase')}"]
+        lines += [f"Job {j.metadata.name}: {j.status.to_dict()}" for j in jobs(cluster, namespace)]
+        for pod in core.list_namespaced_pod(namespace, label_selector="app.kubernetes.io/component=benchmark").items:
+            lines.append(f"Pod {pod.metadata.name}: {pod.status.phase} {pod.status.container_statuses}")
+            try:
+                lines.append(core.read_namespaced_pod_log(pod.metadata.name, namespace, tail_lines=30))
+            except client.ApiException as exc:
+                lines.append(f"(no log: {exc.status})")
+        return "\n".join(lines)
+    return describe
 
 
 def reasons(cluster: Cluster, namespace: str, name: str) -> list[str]:
@@ -76,7 +94,8 @@ def test_bench_runs_vllms_serving_benchmark_one_at_a_time(cluster: Cluster, serv
             assert len(jobs(cluster, namespace)) == 1  # the second waits: never two at once
         return status if status.get("id") == first and status.get("phase") in ("Succeeded", "Failed") else None
 
-    done = wait_for("the first benchmark's result", first_done, 120, 1)
+    # A run takes about 10 s here; the Job's own deadline is what a user would wait for at most.
+    done = wait_for("the first benchmark's result", first_done, 300, 1, explain(cluster, namespace, NAME))
     assert done["phase"] == "Succeeded", done
     results = done["results"]
     assert results["completedRequests"] == 60 and results["failedRequests"] == 0
@@ -110,6 +129,6 @@ def test_bench_runs_vllms_serving_benchmark_one_at_a_time(cluster: Cluster, serv
 
     second_done = wait_for("the second benchmark's result", lambda: (
         (s := benchmark_status(cluster, namespace, NAME)).get("id") == second
-        and s.get("phase") in ("Succeeded", "Failed") and s), 120, 1)
+        and s.get("phase") in ("Succeeded", "Failed") and s), 300, 1, explain(cluster, namespace, NAME))
     assert second_done["phase"] == "Succeeded", second_done
     wait_for("the finished Jobs to go", lambda: jobs(cluster, namespace) == [], 60)

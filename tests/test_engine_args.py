@@ -193,7 +193,7 @@ def test_pvc_model_is_mounted_path() -> None:
 @pytest.mark.parametrize(("args", "expected"), [
     (["--disable-log-requests"], "--enable-log-requests"),
     (["--max-seq-len-to-capture=8192"], "captureSizes"),
-    (["--worker-use-ray"], "--distributed-executor-backend=ray"),
+    (["--worker-use-ray"], "spec.engine.distributedBackend: ray"),
     (["--swap-space", "4"], "removed from vLLM"),
     (["--model", "x"], "spec.model.name"),
     (["-tp", "2"], "spec.engine.tensorParallelSize"),

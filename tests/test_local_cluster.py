@@ -88,7 +88,7 @@ def test_gaudi_deployment_lands_on_the_gaudi_node(
     apps.create_namespaced_deployment(namespace, deployment(
         "gaudi", limits={"habana.ai/gaudi": "1"}, tolerations=[GAUDI_TOLERATION]))
     [pod] = ready_pods(core, apps, namespace, "gaudi")
-    assert pod.spec.node_name == "gaudi-0"
+    assert pod.spec.node_name.startswith("gaudi-")
 
 
 def test_more_gpus_than_a_node_has_stays_pending(

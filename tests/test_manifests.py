@@ -150,8 +150,14 @@ def test_disruption_budget_only_with_several_replicas() -> None:
 
 def test_labels_and_owner_references_on_every_owned_child() -> None:
     several = spec(replicas=2, cache={"retainOnDelete": False, "accessMode": "ReadWriteMany"})
-    for (kind, _name), manifest in children(several, OWNER).items():
-        assert manifest is not None, kind
+    across = spec(replicas=2, accelerator={"type": "nvidia", "count": 8, "nodesPerReplica": 2},
+                  cache={"retainOnDelete": False, "accessMode": "ReadWriteMany"})
+    rendered = [*children(several, OWNER).items(), *children(across, OWNER).items()]
+    assert {kind for (kind, _), manifest in rendered if manifest is not None} == {
+        "PersistentVolumeClaim", "Deployment", "LeaderWorkerSet", "Service", "PodDisruptionBudget"}
+    for (kind, _name), manifest in rendered:
+        if manifest is None:
+            continue
         labels = manifest["metadata"]["labels"]
         assert labels["app.kubernetes.io/managed-by"] == "vllm-operator"
         assert labels["app.kubernetes.io/instance"] == "llama"

@@ -20,10 +20,10 @@ pytestmark = pytest.mark.cluster
 
 # Example manifest -> the nodes its engine Pods may land on.
 EXAMPLE_NODES = {
-    "llama3-8b-h100": {"gpu-h100-0", "gpu-h100-1"},
-    "mistral-awq-hf-token": {"gpu-h100-0", "gpu-h100-1"},
-    "mistral-7b-tp4": {"gpu-h100-0", "gpu-h100-1"},
-    "llama3-70b-gaudi-tp8": {"gaudi-0"},
+    "llama3-8b-h100": {"gpu-h100-0", "gpu-h100-1", "gpu-h100-2"},
+    "mistral-awq-hf-token": {"gpu-h100-0", "gpu-h100-1", "gpu-h100-2"},
+    "mistral-7b-tp4": {"gpu-h100-0", "gpu-h100-1", "gpu-h100-2"},
+    "llama3-70b-gaudi-tp8": {"gaudi-0", "gaudi-1"},
     "cpu-qwen": {"cpu-0"},
     "intel-gpu-qwen-tp2": {"intel-gpu-0"},
     "cpu-openvino": {"cpu-0"},

@@ -29,7 +29,7 @@ def rolled_out(replicas: int) -> dict[str, Any]:
 
 
 def observe(*pods: dict[str, Any], replicas: int = 1, **extra: Any) -> Observation:
-    return Observation("llama", "ai", 3, replicas, deployment=rolled_out(replicas), pods=pods, **extra)
+    return Observation("llama", "ai", 3, replicas, workload=rolled_out(replicas), pods=pods, **extra)
 
 
 def conditions(status: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -24,6 +24,7 @@ KWOK_VERSION = "v0.8.0"
 HELM_VERSION = "v3.21.4"
 # Prometheus 3.16.0, by its Go module version (see _prometheus_release).
 PROMETHEUS_VERSION = "v0.316.0"
+LWS_VERSION = "v0.7.0"
 
 CACHE_ROOT = Path(os.environ.get("VLLM_OPERATOR_CACHE", Path.home() / ".cache" / "vllm-operator"))
 BIN_ROOT = CACHE_ROOT / "bin"
@@ -42,13 +43,17 @@ class Component:
     binaries: dict[str, str]  # binary file name -> Go main package
     ldflags: str = "-s -w"
     tags: str = ""  # Go build tags, comma-separated
+    # Files of the module's source (paths inside it) kept beside the binaries under their base names:
+    # manifests that must match the built version.
+    files: tuple[str, ...] = ()
 
     @property
     def directory(self) -> Path:
         return BIN_ROOT / f"{self.name}-{self.version}"
 
     def is_built(self) -> bool:
-        return all((self.directory / name).is_file() for name in self.binaries)
+        names = [*self.binaries, *(Path(f).name for f in self.files)]
+        return all((self.directory / name).is_file() for name in names)
 
 
 def _go_default_binary_name(package: str) -> str:
@@ -96,7 +101,19 @@ PROMETHEUS = Component(
     f"-s -w -X github.com/prometheus/common/version.Version={_prometheus_release(PROMETHEUS_VERSION)}",
     "remove_all_sd,enable_kubernetes_sd",
 )
-COMPONENTS = (ETCD, KUBERNETES, KWOK, HELM, PROMETHEUS)
+# The LeaderWorkerSet controller (and its webhooks); its main package is the module's cmd/, which `go build`
+# would name "cmd". The version is stamped where its own Makefile stamps it.
+LWS = Component(
+    "lws",
+    LWS_VERSION,
+    "sigs.k8s.io/lws",
+    {"lws-controller": "sigs.k8s.io/lws/cmd"},
+    f"-s -w -X sigs.k8s.io/lws/pkg/version.GitVersion={LWS_VERSION}",
+    # The CRD and webhook manifests devcluster.lws installs, from the same version as the binary.
+    files=("config/crd/bases/leaderworkerset.x-k8s.io_leaderworkersets.yaml", "config/webhook/manifests.yaml",
+           "config/webhook/mutating-patch.yaml", "config/webhook/validating-patch.yaml"),
+)
+COMPONENTS = (ETCD, KUBERNETES, KWOK, HELM, PROMETHEUS, LWS)
 
 
 def path_of(name: str) -> Path:
@@ -164,6 +181,16 @@ def build(component: Component, log_dir: Path) -> None:
                 f"building {component.name} {component.version} failed (exit {result.returncode}); "
                 f"see {log_file}: " + " | ".join(tail)
             )
+        if component.files:
+            # `go build` has just downloaded the module: the Go module cache holds its source.
+            listed = subprocess.run([go, "list", "-m", "-f", "{{.Dir}}", component.module], check=False,
+                                    cwd=workdir, env=env, capture_output=True, text=True)
+            source = Path(listed.stdout.strip())
+            if listed.returncode != 0 or not listed.stdout.strip() or not source.is_dir():
+                raise BuildError(f"cannot locate the source of {component.module} {component.version}: "
+                                 f"{listed.stderr.strip()}")
+            for file in component.files:
+                shutil.copyfile(source / file, target / Path(file).name)
         for name, package in component.binaries.items():
             shutil.move(str(staging / _go_default_binary_name(package)), target / name)
     print(f"built {component.name} {component.version} in {time.monotonic() - started:.0f}s", flush=True)

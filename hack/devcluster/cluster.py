@@ -1,5 +1,6 @@
 """The local control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok
-(plus the simulated engines and the local-runtime agent), each its own process group, all on loopback.
+(plus the simulated engines, the local-runtime agent and the LeaderWorkerSet controller), each its own process
+group, all on loopback.
 
 State lives in one folder (default ``<repo>/.local-cluster``): ``certs/``, ``etcd/`` data,
 ``logs/<process>.log``, ``run/<process>.pid`` and the admin ``kubeconfig``.
@@ -31,7 +32,7 @@ from pathlib import Path
 import yaml
 from kubernetes import client, config
 
-from devcluster import audit, binaries, nodes
+from devcluster import audit, binaries, lws, nodes
 from devcluster.certs import Authority, Identity, KeyPair, service_account_key
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +55,8 @@ SCHEDULER = Identity("system:kube-scheduler")
 # kwok and the agent play kubelets for many nodes and provision volumes: no bootstrap role fits.
 KWOK = Identity("vllm-operator:kwok", ("system:masters",))
 LOCALRUNTIME = Identity("vllm-operator:localruntime", ("system:masters",))
+# The LeaderWorkerSet controller; upstream's ClusterRole would do, but the cluster installs no RBAC of its own.
+LWS = Identity("vllm-operator:lws", ("system:masters",))
 APISERVER_KUBELET_CLIENT = Identity("kube-apiserver-kubelet-client")
 # The operator and the gateway the tests and benchmarks start run as users of their own, so that the audit log
 # tells their calls from the tests' (devcluster.audit); as masters, their RBAC is the tests' to judge.
@@ -119,10 +122,24 @@ class Ports:
     def simengines_admin(self) -> int:
         return self.base + 90
 
+    @property
+    def lws_webhook(self) -> int:
+        """The LeaderWorkerSet controller's webhooks (its 9443)."""
+        return self.base + 94
+
+    @property
+    def lws_metrics(self) -> int:
+        return self.base + 84
+
+    @property
+    def lws_health(self) -> int:
+        return self.base + 81
+
     def named(self) -> dict[str, int]:
         return {"etcd client": self.etcd_client, "etcd peer": self.etcd_peer, "kube-apiserver": self.apiserver,
                 "kube-controller-manager": self.controller_manager, "kube-scheduler": self.scheduler,
-                "local runtime logs": self.kubelet, "simulated engines admin": self.simengines_admin}
+                "local runtime logs": self.kubelet, "simulated engines admin": self.simengines_admin,
+                "lws webhooks": self.lws_webhook, "lws metrics": self.lws_metrics, "lws health": self.lws_health}
 
 
 def client_kubeconfig(kubeconfig: Path, client: str) -> Path:
@@ -145,7 +162,7 @@ def check_ports_free(ports: Ports) -> None:
                 raise ClusterError(
                     f"port 127.0.0.1:{port} ({role}) is already in use: stop what listens there "
                     f"(`ss -ltnp 'sport = :{port}'`) or choose other ports with {PORT_BASE_ENV}=<base> "
-                    f"(now {ports.base}; ports base+43..base+80 are used)") from None
+                    f"(now {ports.base}; ports base+43..base+94 are used)") from None
 
 
 # --- processes -----------------------------------------------------------------------------------
@@ -331,6 +348,7 @@ class LocalCluster:
         if LOCALRUNTIME_MODULE.is_file():
             # The agent stops its pods within their grace periods (at most 30 s) before it exits.
             found.append(Process("localruntime", self.state_dir, stop_grace=45.0))
+        found.append(Process("lws", self.state_dir))
         return found
 
     def _process(self, name: str) -> Process:
@@ -404,7 +422,7 @@ class LocalCluster:
             self._stop_all(out)
         check_ports_free(self.ports)
         try:
-            binaries.ensure((binaries.ETCD, binaries.KUBERNETES, binaries.KWOK))
+            binaries.ensure((binaries.ETCD, binaries.KUBERNETES, binaries.KWOK, binaries.LWS))
         except binaries.BuildError as exc:
             raise ClusterError(str(exc)) from exc
         try:
@@ -453,6 +471,9 @@ class LocalCluster:
             "kube-scheduler": ca.client("kube-scheduler", SCHEDULER),
             "kwok": ca.client("kwok", KWOK),
             "localruntime": ca.client("localruntime", LOCALRUNTIME),
+            "lws": ca.client("lws", LWS),
+            # The API server calls the LWS webhooks by URL on loopback.
+            "lws-webhook": ca.server("lws-webhook", "lws-webhook", ("127.0.0.1",)),
             "operator": ca.client("operator", OPERATOR),
             "gateway": ca.client("gateway", GATEWAY),
             "kubelet": ca.server("kubelet", LOCAL_NODE, ("127.0.0.1", LOCAL_NODE)),
@@ -499,7 +520,8 @@ class LocalCluster:
         configs = self.state_dir / "config"
         self._settings.write_text(json.dumps({"port_base": ports.base}) + "\n")
         identities = {"kube-controller-manager": CONTROLLER_MANAGER, "kube-scheduler": SCHEDULER,
-                      "kwok": KWOK, "localruntime": LOCALRUNTIME, "operator": OPERATOR, "gateway": GATEWAY}
+                      "kwok": KWOK, "localruntime": LOCALRUNTIME, "lws": LWS, "operator": OPERATOR,
+                      "gateway": GATEWAY}
         for name, identity in identities.items():
             self._write_kubeconfig(configs / f"{name}.kubeconfig", identity.user, pki[name])
         self._write_kubeconfig(self.kubeconfig, ADMIN.user, pki["admin"])
@@ -507,7 +529,11 @@ class LocalCluster:
         stages.write_text(nodes.kwok_stages())
         audit_policy = configs / "audit-policy.yaml"
         audit_policy.write_text(audit.policy([CONTROLLER_MANAGER.user, SCHEDULER.user, KWOK.user, LOCALRUNTIME.user,
-                                              "system:apiserver"]))
+                                              LWS.user, "system:apiserver"]))
+        lws_certs = self.state_dir / "lws" / "serving-certs"
+        lws.write_serving_cert(lws_certs, pki["lws-webhook"].cert, pki["lws-webhook"].key)
+        lws_config = configs / "lws.yaml"
+        lws_config.write_text(lws.configuration(ports.lws_webhook, ports.lws_metrics, ports.lws_health, lws_certs))
 
         def step(name: str, what: str) -> None:
             out(f"{time.monotonic() - started:6.1f}s  {name:<24} {what}")
@@ -566,6 +592,7 @@ class LocalCluster:
             f"--proxy-client-key-file={pki['front-proxy-client'].key}",
         ])
         self._wait(apiserver, popen, "/readyz", lambda: self.apiserver_ready(ports), 60)
+        apiserver_popen = popen
         ready = time.monotonic() - started
         step("kube-apiserver", f"Ready (/readyz) on https://127.0.0.1:{ports.apiserver}")
 
@@ -596,6 +623,8 @@ class LocalCluster:
                             _healthz(port), 30))
 
         with self.api_client() as api:
+            # The controller needs its CRD served before it starts: installed now, it is by the time kwok is up.
+            lws.install(api, ports.lws_webhook, pki["ca"].cert.read_bytes())
             nodes.release_leases(api)
             # Nodes persisted from an earlier run look Ready already: wait for Leases the new kwok renewed.
             kwok_started = datetime.now(UTC) - timedelta(seconds=1)
@@ -630,6 +659,16 @@ class LocalCluster:
             nodes.ensure_nodes(api)
             nodes.ensure_storage_class(api)
             step("nodes", f"{', '.join(simulated)} and StorageClass {nodes.STORAGE_CLASS} applied")
+            self._wait(apiserver, apiserver_popen, f"CRD {lws.CRD_NAME} Established",
+                       lambda: lws.crd_established(api), 30)
+            controller = self._process("lws").start(
+                [binary("lws-controller"), f"--kubeconfig={configs / 'lws.kubeconfig'}", f"--config={lws_config}",
+                 # Its development logger defaults to debug: a line per reconcile and admission.
+                 "--zap-log-level=info"],
+                # Webhooks on, whatever the calling shell sets (the binary reads ENABLE_WEBHOOKS).
+                env={**os.environ, "ENABLE_WEBHOOKS": "true"})
+            waiting.append(("lws", controller, f"webhooks on https://127.0.0.1:{ports.lws_webhook} admit",
+                            lambda: lws.admits(api), 60))
             for name, popen, what, check, timeout in waiting:
                 self._wait(self._process(name), popen, what, check, timeout)
                 step(name, f"ready ({what})")

@@ -69,9 +69,10 @@ INTEL_GPU_PRODUCT = "Max_1550"
 NODES = (
     *(SimulatedNode(f"gpu-h100-{i}", f"127.0.20.{10 + i}", {"nvidia.com/gpu": "8"},
                     {"nvidia.com/gpu.product": H100_PRODUCT, "nvidia.com/gpu.count": "8"},
-                    (("nvidia.com/gpu", "present"),)) for i in range(2)),
-    SimulatedNode("gaudi-0", "127.0.20.20", {"habana.ai/gaudi": "8"}, {"habana.ai/gaudi": "true"},
-                  (("habana.ai/gaudi", "present"),)),
+                    (("nvidia.com/gpu", "present"),)) for i in range(3)),
+    # Two of each, so that a replica across two nodes (a LeaderWorkerSet group of 2 x 8) can be placed.
+    *(SimulatedNode(f"gaudi-{i}", f"127.0.20.{20 + i}", {"habana.ai/gaudi": "8"}, {"habana.ai/gaudi": "true"},
+                    (("habana.ai/gaudi", "present"),)) for i in range(2)),
     # Intel's GPU device plugin advertises gpu.intel.com/i915; its NFD rules add the product and presence labels.
     SimulatedNode("intel-gpu-0", "127.0.20.40", {"gpu.intel.com/i915": "4"},
                   {"gpu.intel.com/product": INTEL_GPU_PRODUCT, "intel.feature.node.kubernetes.io/gpu": "true"},

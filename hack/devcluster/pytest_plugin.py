@@ -26,15 +26,18 @@ TIMEOUT = (5, 30)  # connect, read
 T = TypeVar("T")
 
 
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.3) -> T:
-    """Poll ``probe`` until it returns something truthy, which is returned; AssertionError on timeout."""
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.3,
+             explain: Callable[[], str] | None = None) -> T:
+    """Poll ``probe`` until it returns something truthy, which is returned; AssertionError on timeout, with
+    what ``explain`` says of the state then (so a failure in CI can be understood from its log alone)."""
     deadline = time.monotonic() + timeout
     while True:
         value = probe()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}"
+                                 + (f"\n{explain()}" if explain is not None else ""))
         time.sleep(interval)
 
 

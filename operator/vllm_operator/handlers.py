@@ -250,6 +250,12 @@ async def disruption_budget_changed(event: kopf.RawEvent, **_: Any) -> None:
     _controller().observe_child("PodDisruptionBudget", event["type"], event["object"])
 
 
+# Only where the LeaderWorkerSet CRD is installed: kopf starts this watch once the resource appears.
+@kopf.on.event("leaderworkerset.x-k8s.io", "v1", "leaderworkersets", labels=_OWNED)
+async def leader_worker_set_changed(event: kopf.RawEvent, **_: Any) -> None:
+    _controller().observe_child("LeaderWorkerSet", event["type"], event["object"])
+
+
 @kopf.on.event("batch", "v1", "jobs", labels=_OWNED)
 async def job_changed(event: kopf.RawEvent, **_: Any) -> None:
     # Serving benchmarks (benchmark/__init__.py): their end brings the result into the status.

@@ -52,6 +52,7 @@ RESOURCES: Mapping[str, tuple[str, str]] = {
     "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
     "Job": ("/apis/batch/v1", "jobs"),
+    "LeaderWorkerSet": ("/apis/leaderworkerset.x-k8s.io/v1", "leaderworkersets"),
     "ConfigMap": ("/api/v1", "configmaps"),
     api.KIND: (f"/apis/{api.GROUP}/{api.VERSION}", api.PLURAL),
     "Event": ("/api/v1", "events"),

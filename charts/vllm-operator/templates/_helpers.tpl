@@ -84,11 +84,15 @@ the apiserver's audit log of the whole test suite shows no other read (tests/tes
 - apiGroups: [llm.vllm-operator.io]
   resources: [llmdeployments/finalizers]
   verbs: [update]
-# The engine Deployment and its Service are applied, never deleted: the garbage collector removes
-# them through owner references.
+# The engine Deployment is deleted only when the model moves to a LeaderWorkerSet (nodesPerReplica > 1),
+# and the LeaderWorkerSet when it moves back; the Service is applied, never deleted: the garbage
+# collector removes the children through owner references.
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [get, list, watch, create, patch]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [leaderworkerset.x-k8s.io]
+  resources: [leaderworkersets]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [services]
   verbs: [get, list, watch, create, patch]

@@ -252,6 +252,7 @@ class ModelSpec(ApiModel):
 
 
 AcceleratorType = Literal["nvidia", "amd", "gaudi", "intel-gpu", "cpu"]
+MAX_NODES_PER_REPLICA = 64
 PRODUCT_TYPES = ("nvidia", "amd", "intel-gpu")
 PRODUCT_MESSAGE = "accelerator.product selects a GPU model and applies to types nvidia, amd and intel-gpu only"
 INTEL_GPU_RESOURCE_MESSAGE = (
@@ -301,6 +302,16 @@ class AcceleratorSpec(ApiModel):
         ),
         min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
     )
+    nodes_per_replica: int | None = Field(
+        None,
+        description=(
+            "Nodes one replica spans, for a model larger than one node: each replica becomes a LeaderWorkerSet "
+            "group of this many Pods (a leader that serves the API and headless workers), each on its own node "
+            "with accelerator.count devices, scheduled and restarted together. Needs the LeaderWorkerSet "
+            "controller (sigs.k8s.io/lws) in the cluster. Default: 1 (one Pod per replica, in a Deployment)."
+        ),
+        ge=1, le=MAX_NODES_PER_REPLICA,
+    )
     intel_gpu_resource: Literal["i915", "xe"] | None = Field(
         None,
         description=(
@@ -324,8 +335,12 @@ class AcceleratorSpec(ApiModel):
 
     @property
     def devices(self) -> int:
-        """Accelerator devices one replica needs (0 for CPU)."""
+        """Accelerator devices each Pod of a replica needs (0 for CPU)."""
         return 0 if self.type == "cpu" else self.count or 1
+
+    @property
+    def nodes(self) -> int:
+        return self.nodes_per_replica or 1
 
 
 CudaGraphMode = Literal["NONE", "PIECEWISE", "FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE"]
@@ -425,7 +440,7 @@ OPENVINO_LORA_MESSAGE = "the OpenVINO backend does not support LoRA adapters: re
 OPENVINO_ACCELERATOR_MESSAGE = "engine.backend openvino runs on accelerator types cpu and intel-gpu only"
 OPENVINO_ONE_DEVICE_MESSAGE = (
     "the OpenVINO backend does not support tensor or pipeline parallelism: accelerator.count, "
-    "engine.tensorParallelSize and engine.pipelineParallelSize must be 1"
+    "accelerator.nodesPerReplica, engine.tensorParallelSize and engine.pipelineParallelSize must be 1"
 )
 OPENVINO_CPU_KV_MESSAGE = (
     "engine.cpuKVCacheSpaceGiB sizes the cache of vLLM's own CPU backend; with engine.backend openvino use "
@@ -467,6 +482,16 @@ class EngineSpec(ApiModel):
         ),
     )
     openvino: OpenVINOSpec | None = Field(None, description="OpenVINO backend settings (with backend: openvino).")
+    distributed_backend: Literal["mp", "ray"] | None = Field(
+        None,
+        description=(
+            "How the engine runs its workers (--distributed-executor-backend) and, with accelerator.nodesPerReplica "
+            "> 1, how the nodes of a replica join: mp (vLLM's own: the leader is node rank 0, the workers run "
+            "headless with --nnodes, --node-rank and --master-addr) or ray (the leader starts a Ray head, the workers "
+            "join it, and the server places its workers through Ray). Default: vLLM's on one node; across nodes ray "
+            "for gaudi and intel-gpu (their vLLM builds support multi-node through Ray), mp for the others."
+        ),
+    )
     image: str | None = Field(
         None, description="Engine container image. Default: the accelerator profile's image for the backend.",
         min_length=1, max_length=512, pattern=PRINTABLE_PATTERN,
@@ -962,9 +987,23 @@ class AdapterSpec(ApiModel):
 
 
 SPEC_IS_OPENVINO = "has(self.engine.backend) && self.engine.backend == 'openvino'"
+CEL_NODES = "(has(self.accelerator.nodesPerReplica) ? self.accelerator.nodesPerReplica : 1)"
+CEL_DEVICES = f"(has(self.accelerator.count) ? self.accelerator.count : 1) * {CEL_NODES}"
+PARALLEL_MESSAGE = (
+    "engine.tensorParallelSize x engine.pipelineParallelSize must equal accelerator.count x "
+    "accelerator.nodesPerReplica (the accelerators of one replica); across nodes the usual split is tensor "
+    "parallel inside a node and pipeline parallel across nodes: tensorParallelSize = accelerator.count, "
+    "pipelineParallelSize = accelerator.nodesPerReplica"
+)
+PIPELINE_MESSAGE = "accelerator.count x accelerator.nodesPerReplica must be a multiple of engine.pipelineParallelSize"
+CPU_NODES_MESSAGE = (
+    "on CPUs across nodes, engine.tensorParallelSize x engine.pipelineParallelSize must be a multiple of "
+    "accelerator.nodesPerReplica (every node runs as many ranks); leave both out for one pipeline stage per node"
+)
 SHARED_CACHE_MESSAGE = (
-    "replicas > 1 need a cache every replica can mount (spec.replicas and autoscaling.maxReplicas alike): a "
-    "ReadWriteOnce claim attaches to one node only, so replicas on other nodes would wait forever; set "
+    "replicas > 1 and replicas that span nodes (accelerator.nodesPerReplica > 1) need a cache every Pod can mount "
+    "(spec.replicas and autoscaling.maxReplicas alike): a "
+    "ReadWriteOnce claim attaches to one node only, so Pods on other nodes would wait forever; set "
     "cache.accessMode: ReadWriteMany (the storage class must support it), bring a shared claim with "
     "cache.existingClaim, or set cache.enabled: false"
 )
@@ -977,18 +1016,24 @@ class LLMDeploymentSpec(ApiModel):
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel(
-                    "self.accelerator.type == 'cpu' || !has(self.engine) || !has(self.engine.tensorParallelSize) || "
-                    "self.engine.tensorParallelSize * (has(self.engine.pipelineParallelSize) ? "
-                    "self.engine.pipelineParallelSize : 1) == (has(self.accelerator.count) ? self.accelerator.count : 1)",
-                    "engine.tensorParallelSize x engine.pipelineParallelSize must equal accelerator.count "
-                    "(the accelerators of one replica)",
+                    f"self.accelerator.type == 'cpu' || !has(self.engine) || !has(self.engine.tensorParallelSize) || "
+                    f"self.engine.tensorParallelSize * (has(self.engine.pipelineParallelSize) ? "
+                    f"self.engine.pipelineParallelSize : 1) == {CEL_DEVICES}",
+                    PARALLEL_MESSAGE,
                     ".engine.tensorParallelSize",
                 ),
                 cel(
-                    "self.accelerator.type == 'cpu' || !has(self.engine) || has(self.engine.tensorParallelSize) || "
-                    "!has(self.engine.pipelineParallelSize) || (has(self.accelerator.count) ? self.accelerator.count "
-                    ": 1) % self.engine.pipelineParallelSize == 0",
-                    "accelerator.count must be a multiple of engine.pipelineParallelSize",
+                    f"self.accelerator.type == 'cpu' || !has(self.engine) || has(self.engine.tensorParallelSize) || "
+                    f"!has(self.engine.pipelineParallelSize) || {CEL_DEVICES} % self.engine.pipelineParallelSize == 0",
+                    PIPELINE_MESSAGE,
+                    ".engine.pipelineParallelSize",
+                ),
+                cel(
+                    f"self.accelerator.type != 'cpu' || {CEL_NODES} == 1 || !has(self.engine) || "
+                    "((has(self.engine.tensorParallelSize) ? self.engine.tensorParallelSize : 1) * "
+                    f"(has(self.engine.pipelineParallelSize) ? self.engine.pipelineParallelSize : 1)) % {CEL_NODES} == 0 "
+                    "|| (!has(self.engine.tensorParallelSize) && !has(self.engine.pipelineParallelSize))",
+                    CPU_NODES_MESSAGE,
                     ".engine.pipelineParallelSize",
                 ),
                 cel(
@@ -1008,7 +1053,8 @@ class LLMDeploymentSpec(ApiModel):
                 ),
                 cel(
                     f"!has(self.engine) || !({SPEC_IS_OPENVINO}) || ((!has(self.accelerator.count) || "
-                    "self.accelerator.count == 1) && (!has(self.engine.tensorParallelSize) || "
+                    "self.accelerator.count == 1) && (!has(self.accelerator.nodesPerReplica) || "
+                    "self.accelerator.nodesPerReplica == 1) && (!has(self.engine.tensorParallelSize) || "
                     "self.engine.tensorParallelSize == 1) && (!has(self.engine.pipelineParallelSize) || "
                     "self.engine.pipelineParallelSize == 1))",
                     OPENVINO_ONE_DEVICE_MESSAGE,
@@ -1044,7 +1090,8 @@ class LLMDeploymentSpec(ApiModel):
                 ),
                 cel(
                     "((!has(self.replicas) || self.replicas <= 1) && (!has(self.autoscaling) || "
-                    "self.autoscaling.maxReplicas <= 1)) || (has(self.cache) && ((has(self.cache.enabled) && "
+                    f"self.autoscaling.maxReplicas <= 1) && {CEL_NODES} == 1) || (has(self.cache) && "
+                    "((has(self.cache.enabled) && "
                     "!self.cache.enabled) || has(self.cache.existingClaim) || (has(self.cache.accessMode) && "
                     "self.cache.accessMode == 'ReadWriteMany')))",
                     SHARED_CACHE_MESSAGE,
@@ -1124,16 +1171,17 @@ class LLMDeploymentSpec(ApiModel):
 
     @model_validator(mode="after")
     def _check_spec(self) -> LLMDeploymentSpec:
-        devices = self.accelerator.devices
+        nodes = self.accelerator.nodes
+        devices = self.accelerator.devices * nodes
         tp, pp = self.engine.tensor_parallel_size, self.engine.pipeline_parallel_size or 1
         if self.accelerator.type != "cpu":
             if tp is not None and tp * pp != devices:
-                raise ValueError(
-                    "engine.tensorParallelSize x engine.pipelineParallelSize must equal accelerator.count "
-                    f"(the accelerators of one replica): {tp} x {pp} != {devices}"
-                )
+                raise ValueError(f"{PARALLEL_MESSAGE}: {tp} x {pp} != {devices}")
             if tp is None and devices % pp:
-                raise ValueError("accelerator.count must be a multiple of engine.pipelineParallelSize")
+                raise ValueError(PIPELINE_MESSAGE)
+        elif nodes > 1 and (tp is not None or self.engine.pipeline_parallel_size is not None) \
+                and ((tp or 1) * pp) % nodes:
+            raise ValueError(CPU_NODES_MESSAGE)
         if self.accelerator.type not in ("nvidia", "amd") and self.engine.cuda_graph is not None:
             raise ValueError("engine.cudaGraph applies to GPU accelerators (nvidia, amd)")
         if self.accelerator.type != "cpu" and self.engine.cpu_kv_cache_space_gi_b is not None:
@@ -1141,7 +1189,7 @@ class LLMDeploymentSpec(ApiModel):
         if self.engine.backend == "openvino":
             if self.accelerator.type not in ("cpu", "intel-gpu"):
                 raise ValueError(OPENVINO_ACCELERATOR_MESSAGE)
-            if max(self.accelerator.count or 1, self.engine.tensor_parallel_size or 1, pp) > 1:
+            if max(self.accelerator.count or 1, self.accelerator.nodes, self.engine.tensor_parallel_size or 1, pp) > 1:
                 raise ValueError(OPENVINO_ONE_DEVICE_MESSAGE)
             if self.engine.cpu_kv_cache_space_gi_b is not None:
                 raise ValueError(OPENVINO_CPU_KV_MESSAGE)
@@ -1161,7 +1209,7 @@ class LLMDeploymentSpec(ApiModel):
             raise ValueError(HUB_ADAPTER_CACHE_MESSAGE)
         cache = self.cache
         most = max(self.replicas, self.autoscaling.max_replicas if self.autoscaling else 0)
-        if most > 1 and cache.enabled and cache.existing_claim is None and cache.access_mode != "ReadWriteMany":
+        if (most > 1 or nodes > 1) and cache.enabled and cache.existing_claim is None and cache.access_mode != "ReadWriteMany":
             raise ValueError(SHARED_CACHE_MESSAGE)
         return self
 
@@ -1367,6 +1415,36 @@ class AdapterStatus(ApiModel):
     download: CacheStatus | None = Field(None, description="The download of an adapter from the hub (hf://).")
 
 
+MemberState = Literal["Ready", "Running", "Pending", "Unschedulable", "Failed", "Terminating"]
+
+
+class GroupMember(ApiModel):
+    """One Pod of a replica across nodes."""
+
+    pod: str = Field(description="The Pod's name.")
+    role: Literal["leader", "worker"] = Field(description="leader: node rank 0, serves the API; worker: headless.")
+    rank: int = Field(description="The node rank (the LeaderWorkerSet worker index; 0 is the leader).", ge=0)
+    node: str | None = Field(None, description="The node it runs on, once scheduled.")
+    state: MemberState = Field(
+        description="Ready (leader: the engine answers), Running, Pending (not started yet), Unschedulable, Failed "
+        "(its container crashed or cannot start) or Terminating."
+    )
+    message: str | None = Field(None, description="Why it is not running, in the scheduler's or the engine's words.")
+
+
+class ReplicaGroup(ApiModel):
+    """One replica across nodes: a LeaderWorkerSet group, leader and workers."""
+
+    index: int = Field(description="The group's index (the LeaderWorkerSet group index).", ge=0)
+    ready: bool = Field(description="The leader is Ready and every worker runs.")
+    workers_ready: str = Field(description="Workers running / workers the group needs.")
+    members: list[GroupMember] = Field(
+        description="Every Pod of the group, by rank.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["pod"]},
+    )
+    message: str | None = Field(None, description="The first member that holds the group back, and why.")
+
+
 class LLMDeploymentStatus(ApiModel):
     """Observed state of an LLMDeployment, written by the operator."""
 
@@ -1374,8 +1452,8 @@ class LLMDeploymentStatus(ApiModel):
         None, description="Pending, Downloading (the model into the cache), Loading, Ready, Idle (scaled to zero by "
         "the autoscaler), Degraded or Failed."
     )
-    replicas: int | None = Field(None, description="Engine Pods that exist.")
-    ready_replicas: int | None = Field(None, description="Engine Pods that are Ready.")
+    replicas: int | None = Field(None, description="Engine replicas that exist (Pods, or groups across nodes).")
+    ready_replicas: int | None = Field(None, description="Engine replicas that are Ready.")
     ready: str | None = Field(None, description="Ready replicas / desired replicas, for kubectl get.")
     selector: str | None = Field(None, description="Label selector of the engine Pods (for the scale subresource).")
     observed_generation: int | None = Field(None, description="The metadata.generation the status describes.")
@@ -1407,6 +1485,11 @@ class LLMDeploymentStatus(ApiModel):
     )
     loaded_adapters: int | None = Field(
         None, description="Adapters of spec.adapters loaded in every running engine, for kubectl get."
+    )
+    groups: list[ReplicaGroup] | None = Field(
+        None, description="With accelerator.nodesPerReplica > 1: each replica's group, the node of each member, and "
+        "which member holds a group back.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["index"]},
     )
 
 

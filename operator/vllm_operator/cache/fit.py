@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vllm_operator.api import GROUP, CapacityStatus, LLMDeploymentSpec, hub_offline, parse_model_source
-from vllm_operator.render.engine_args import tensor_parallel_size
+from vllm_operator.render.engine_args import parallel_sizes
 from vllm_operator.render.profiles import CPU_KV_CACHE_SPACE_GIB_DEFAULT
 
 SKIP_FIT_CHECK_ANNOTATION = f"{GROUP}/skip-fit-check"
@@ -176,12 +176,13 @@ class Deployment:
     def from_spec(cls, spec: LLMDeploymentSpec) -> Deployment:
         engine = spec.engine
         cpu = spec.accelerator.type == "cpu"
+        tp, pp = parallel_sizes(spec)
         return cls(
             accelerator_type=spec.accelerator.type,
             product=spec.accelerator.product,
-            # The CPU engine gets no --tensor-parallel-size (engine_args).
-            tensor_parallel_size=1 if cpu else tensor_parallel_size(spec),
-            pipeline_parallel_size=engine.pipeline_parallel_size or 1,
+            # The CPU engine gets no --tensor-parallel-size on one node (engine_args).
+            tensor_parallel_size=1 if cpu and spec.accelerator.nodes == 1 else tp,
+            pipeline_parallel_size=pp,
             gpu_memory_utilization=engine.gpu_memory_utilization,
             max_model_len=engine.max_model_len,
             max_num_batched_tokens=engine.max_num_batched_tokens,

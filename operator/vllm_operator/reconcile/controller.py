@@ -52,8 +52,10 @@ from vllm_operator.render.manifests import (
     common_labels,
     endpoint,
     live_startup_budget,
+    serving_selector,
     startup_budget_seconds,
 )
+from vllm_operator.render import multinode
 from vllm_operator.render.adapters import READINESS_GATE, wanted_adapters
 from vllm_operator.render.puller import COMPONENT as PULLER_COMPONENT
 from vllm_operator.render.puller import Pull, PullerSettings, adapter_pull, job_name, model_pull, pull_job
@@ -62,6 +64,12 @@ log = logging.getLogger("vllm_operator.reconcile.controller")
 
 # How long a change of a child or of a status waits for the changes that usually follow it.
 SETTLE_SECONDS = 1.0
+# The kinds that run the engines: one replica per Pod, or one per group of Pods across nodes.
+ENGINE_KINDS = ("Deployment", multinode.KIND)
+LWS_MISSING = (
+    "the LeaderWorkerSet API is not installed: accelerator.nodesPerReplica > 1 needs the LeaderWorkerSet controller "
+    "(sigs.k8s.io/lws v0.7 or later) in the cluster; install it, or set nodesPerReplica: 1"
+)
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 # Longer strings (messages, chat templates) rarely repeat across objects.
 SHARED_STRING_LENGTH = 64
@@ -292,7 +300,7 @@ class Controller:
         # Until the model is in the cache, the engine Deployment is neither created nor changed: engines that
         # serve an earlier model keep serving it meanwhile.
         budget = startup_budget_seconds(spec, verdict.capacity.weight_bytes_per_device) if isinstance(verdict, Fits) \
-            else live_startup_budget(self._deployment(key)) or startup_budget_seconds(spec, None)
+            else live_startup_budget(self._workload(key)) or startup_budget_seconds(spec, None)
         synced = await self._sync_children(key, body, spec, owner, budget,
                                            hold_engines=pulled is not None and not pulled.ready)
         adapters = await self._adapter_downloads(key, body, spec, owner)
@@ -313,9 +321,11 @@ class Controller:
             desired_replicas=spec.replicas,
             endpoint=endpoint(spec, owner),
             served_model=served_model_name(spec, owner.name),
-            selector=f"{SELECTOR_LABEL}={owner.name}",
-            deployment=self._deployment(key),
+            selector=",".join(f"{k}={v}" for k, v in serving_selector(spec, owner.name).items()),
+            workload=self._workload(key),
             pods=list(self.engine_pods(key).values()),
+            workers=list(self.worker_pods(key).values()),
+            group_size=spec.accelerator.nodes,
             engine=view.stats,
             unhealthy=view.unhealthy,
             apply_errors=tuple(self.apply_errors.get(key, ())),
@@ -518,21 +528,38 @@ class Controller:
         """Engine replicas that exist, ready or still loading, and are not going away."""
         return sum(1 for pod in self.engine_pods(key).values() if not pod["metadata"].get("deletionTimestamp"))
 
-    def _deployment(self, key: Key) -> dict[str, Any] | None:
-        """The engine Deployment, when it is this LLMDeployment's."""
+    def _workload(self, key: Key) -> dict[str, Any] | None:
+        """The engine Deployment or LeaderWorkerSet, when it is this LLMDeployment's."""
         body = self.resources.get(key)
         if body is None:
             return None
-        found = self.children.get(key, {}).get(("Deployment", key[1]))
-        return found if found is not None and controller_uid(found) == body["metadata"]["uid"] else None
+        for kind in ENGINE_KINDS:
+            found = self.children.get(key, {}).get((kind, key[1]))
+            if found is not None and controller_uid(found) == body["metadata"]["uid"]:
+                return found
+        return None
 
     def engine_pods(self, key: Key) -> dict[str, dict[str, Any]]:
-        """Pods of the ReplicaSets of the engine Deployment: a Pod with the label alone is not a replica."""
-        deployment = self._deployment(key)
+        """The replicas' serving Pods: of the ReplicaSets of the engine Deployment (a Pod with the label alone is
+        not a replica), or the group leaders of the engine LeaderWorkerSet."""
+        return self._group_pods(key, leaders=True)
+
+    def worker_pods(self, key: Key) -> dict[str, dict[str, Any]]:
+        """The Pods of the engine LeaderWorkerSet's groups other than their leaders."""
+        return self._group_pods(key, leaders=False)
+
+    def _group_pods(self, key: Key, leaders: bool) -> dict[str, dict[str, Any]]:
+        workload = self._workload(key)
         pods = self.pods.get(key)
-        if deployment is None or not pods:
+        if workload is None or not pods:
             return {}
-        uid = deployment["metadata"]["uid"]
+        if workload["kind"] == multinode.KIND:
+            # The LWS controller owns the leaders' StatefulSet, and each leader Pod its workers' StatefulSet; the
+            # group labels are its Pod webhook's, which only it sets on Pods of its StatefulSets.
+            return {name: pod for name, pod in pods.items() if multinode.member_of(pod, key[1]) == leaders}
+        if not leaders:
+            return {}
+        uid = workload["metadata"]["uid"]
         sets = {rs for rs, controller in self.replica_sets.get(key, {}).items() if controller == uid}
         return {name: pod for name, pod in pods.items() if controller_uid(pod) in sets}
 
@@ -543,7 +570,7 @@ class Controller:
         outcomes = await asyncio.gather(*(
             self._sync_child(key, owner, child, manifest, live.get(child))
             for child, manifest in children(spec, owner, startup_budget).items()
-            if not (hold_engines and child == ("Deployment", owner.name))
+            if not (hold_engines and child[0] in ENGINE_KINDS)
         ))
         for store, found in ((self.apply_errors, [o.error for o in outcomes if o.error]),
                              (self.conflicts, [o.conflict for o in outcomes if o.conflict])):
@@ -587,6 +614,8 @@ class Controller:
             if "NamespaceTerminating" in exc.causes:
                 # The namespace controller is deleting the children; bringing them back would only fight it.
                 return ChildOutcome(child)
+            if kind == multinode.KIND and exc.status == 404:
+                return ChildOutcome(child, error=LWS_MISSING)
             return ChildOutcome(child, error=f"applying {child} failed: {exc}")
         observability.record_write("apply", kind)
         if not self._current(key, owner):
@@ -826,6 +855,8 @@ def slim(body: Mapping[str, Any], keep_spec: bool = True) -> dict[str, Any]:
     if annotations and LAST_APPLIED in annotations:
         meta["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
     kept = {k: v for k, v in body.items() if keep_spec or k != "spec"}
+    if not keep_spec and (node := (body.get("spec") or {}).get("nodeName")):
+        kept["spec"] = {"nodeName": node}  # where a member of a group runs, for status.groups
     kept["metadata"] = meta
     return _shared(kept)
 

@@ -6,8 +6,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vllm_operator import api
 from vllm_operator.engines.metrics import EngineStats
 from vllm_operator.engines.startup import STAGE_WORDS
+from vllm_operator.render.multinode import GROUP_INDEX_LABEL, WORKER_INDEX_LABEL
+from vllm_operator.render.multinode import KIND as LWS_KIND
 
 # Waiting reasons a person must act on: the engine will not come up by itself.
 BLOCKING_WAIT_REASONS = {
@@ -41,8 +44,12 @@ class Observation:
     endpoint: str | None = None
     served_model: str | None = None
     selector: str | None = None
-    deployment: Mapping[str, Any] | None = None
+    # The engine Deployment, or LeaderWorkerSet with accelerator.nodesPerReplica > 1.
+    workload: Mapping[str, Any] | None = None
+    # The serving Pods: one per replica, the group leaders across nodes; and the groups' other Pods.
     pods: Sequence[Mapping[str, Any]] = ()
+    workers: Sequence[Mapping[str, Any]] = ()
+    group_size: int = 1
     engine: EngineStats | None = None
     # Pod name -> why its engine looks unhealthy from /health or /metrics.
     unhealthy: Mapping[str, str] = field(default_factory=dict)
@@ -90,6 +97,69 @@ def _unschedulable_message(pod: Mapping[str, Any]) -> str | None:
             message = condition.get("message") or "no node fits the Pod"
             return None if CLAIM_BINDING in message else message
     return None
+
+
+def _member(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """status.groups[].members[]: one Pod of a group, its rank, node and state in a word."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    rank = int((meta.get("labels") or {}).get(WORKER_INDEX_LABEL, "0"))
+    problems = pod_problems(pod)
+    unschedulable = _unschedulable_message(pod)
+    if meta.get("deletionTimestamp"):
+        state, message = "Terminating", None
+    elif problems:
+        state, message = "Failed", problems[0].message
+    elif unschedulable:
+        state, message = "Unschedulable", unschedulable
+    elif _is_ready(pod):
+        state, message = "Ready", None
+    elif status.get("phase") == "Running":
+        state, message = "Running", None
+    else:
+        state, message = "Pending", None
+    member = {"pod": meta.get("name", "?"), "role": "leader" if rank == 0 else "worker", "rank": rank, "state": state}
+    if node := (pod.get("spec") or {}).get("nodeName"):
+        member["node"] = node
+    if message:
+        member["message"] = message[:MAX_MESSAGE]
+    return member
+
+
+def _holds_back(member: Mapping[str, Any]) -> str:
+    where = f" on node {member['node']}" if member.get("node") else ""
+    why = f": {member['message']}" if member.get("message") else ""
+    return f"{member['role']} {member['pod']} (rank {member['rank']}{where}) is {member['state']}{why}"
+
+
+def replica_groups(leaders: Sequence[Mapping[str, Any]], workers: Sequence[Mapping[str, Any]],
+                   size: int) -> list[dict[str, Any]]:
+    """status.groups: each group of a replica across nodes, and the first member that holds it back."""
+    by_group: dict[int, list[dict[str, Any]]] = {}
+    for pod in [*leaders, *workers]:
+        index = (pod.get("metadata", {}).get("labels") or {}).get(GROUP_INDEX_LABEL, "")
+        if index.isdigit():
+            by_group.setdefault(int(index), []).append(_member(pod))
+    groups = []
+    for index, members in sorted(by_group.items()):
+        members.sort(key=lambda m: (m["rank"], m["pod"]))
+        leader = next((m for m in members if m["role"] == "leader" and m["state"] != "Terminating"), None)
+        running = [m for m in members if m["role"] == "worker" and m["state"] in ("Ready", "Running")]
+        group: dict[str, Any] = {"index": index, "members": members, "workersReady": f"{len(running)}/{size - 1}",
+                                 "ready": leader is not None and leader["state"] == "Ready" and len(running) >= size - 1}
+        stuck = next((m for m in members if m["state"] in ("Failed", "Unschedulable", "Terminating")), None)
+        if stuck is not None:
+            group["message"] = _holds_back(stuck)
+        elif leader is None:
+            group["message"] = "its leader Pod does not exist yet"
+        elif len([m for m in members if m["role"] == "worker"]) < size - 1:
+            group["message"] = f"{len(members) - 1} of its {size - 1} worker Pods exist"
+        elif not group["ready"]:
+            waiting = next((m for m in members if m["state"] == "Pending"), leader)
+            group["message"] = (_holds_back(waiting) if waiting is not leader or leader["state"] == "Pending"
+                                else f"leader {leader['pod']} is {leader['state']}: the engine is loading, or waits "
+                                     "for its workers to join")
+        groups.append(api.ReplicaGroup.model_validate(group).model_dump(by_alias=True, exclude_none=True))
+    return groups
 
 
 def _tail(text: str | None, lines: int = 5) -> str:
@@ -157,12 +227,18 @@ def _condition(
 
 
 def _rollout_in_progress(obs: Observation) -> bool:
-    deployment = obs.deployment
-    if deployment is None:
+    workload = obs.workload
+    if workload is None:
         return True
-    status = deployment.get("status") or {}
+    status = workload.get("status") or {}
+    if workload.get("kind") == LWS_KIND:
+        # No observedGeneration there: its UpdateInProgress condition says a rollout is under way.
+        behind = any(c.get("type") == "UpdateInProgress" and c.get("status") == "True"
+                     for c in status.get("conditions") or [])
+    else:
+        behind = status.get("observedGeneration", 0) < workload.get("metadata", {}).get("generation", 0)
     return (
-        status.get("observedGeneration", 0) < deployment.get("metadata", {}).get("generation", 0)
+        behind
         or status.get("updatedReplicas", 0) < obs.desired_replicas
         or status.get("replicas", 0) > obs.desired_replicas
     )
@@ -194,18 +270,22 @@ def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> d
         return status
 
     pods = [p for p in obs.pods if not p.get("metadata", {}).get("deletionTimestamp")]
-    ready = sum(1 for p in pods if _is_ready(p))
+    workers = [p for p in obs.workers if not p.get("metadata", {}).get("deletionTimestamp")]
+    groups = replica_groups(obs.pods, obs.workers, obs.group_size) if obs.group_size > 1 else None
+    ready = sum(1 for g in groups if g["ready"]) if groups is not None else sum(1 for p in pods if _is_ready(p))
+    # Across nodes, the first group held back and the member that holds it: what the Ready condition names.
+    held = next((g for g in groups or () if not g["ready"] and g.get("message")), None)
     # The stages are read from the logs once per scrape; a Pod that started since is over them already.
     starting = {p["metadata"]["name"] for p in pods if not past_startup(p)}
     startup = [r for r in (obs.startup or {}).get("replicas") or [] if r["pod"] in starting]
-    unschedulable = [(p["metadata"]["name"], m) for p in pods if (m := _unschedulable_message(p))]
+    unschedulable = [(p["metadata"]["name"], m) for p in [*pods, *workers] if (m := _unschedulable_message(p))]
     # Problems of the children themselves come first: they say why the Pods are missing or unreachable.
     children = [Problem("", "ChildConflict", conflict, blocking=True) for conflict in obs.conflicts]
     children += [Problem("", "ApplyFailed", error, blocking=True) for error in obs.apply_errors]
-    children += deployment_problems(obs.deployment)
+    children += deployment_problems(obs.workload)
     if obs.autoscaler_conflict is not None:
         children.append(Problem("", "AutoscalerConflict", obs.autoscaler_conflict))
-    problems = children + [problem for p in pods for problem in pod_problems(p)]
+    problems = children + [problem for p in [*pods, *workers] for problem in pod_problems(p)]
     problems += [Problem(pod, "EngineUnhealthy", f"pod {pod}: {why}") for pod, why in sorted(obs.unhealthy.items())]
     rolling = _rollout_in_progress(obs)
     downloading = obs.cache is not None and obs.cache.get("phase") in ("Pending", "Downloading")
@@ -226,11 +306,15 @@ def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> d
         ready_message = f"{ready}/{obs.desired_replicas} replicas ready"
         if children:
             ready_reason, ready_message = children[0].reason, f"{ready_message}; {children[0].message}"
+        elif held is not None:
+            ready_message = f"{ready_message}; group {held['index']}: {held['message']}"
     elif problems:
         phase, ready_reason, ready_message = "Failed", problems[0].reason, problems[0].message
     elif unschedulable:
         phase, ready_reason = "Pending", "Unschedulable"
         ready_message = f"pod {unschedulable[0][0]}: {unschedulable[0][1]}"
+        if held is not None:
+            ready_message = f"group {held['index']}: {held['message']}"
     elif any((p.get("status") or {}).get("phase") == "Running" for p in pods):
         phase, ready_reason, ready_message = "Loading", "EngineLoading", "the engine is loading the model"
         if startup:
@@ -256,7 +340,7 @@ def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> d
     ]
     status.update(
         phase=phase,
-        replicas=len(pods),
+        replicas=len(groups) if groups is not None else len(pods),
         readyReplicas=ready,
         ready=f"{ready}/{obs.desired_replicas}",
         conditions=conditions,
@@ -271,6 +355,8 @@ def compute_status(obs: Observation, previous: Mapping[str, Any], now: str) -> d
     if obs.adapters is not None:
         status["adapters"] = [dict(adapter) for adapter in obs.adapters]
         status["loadedAdapters"] = sum(adapter["state"] == "Loaded" for adapter in obs.adapters)
+    if groups is not None:
+        status["groups"] = groups
     if obs.engine is not None:
         status["engine"] = obs.engine.model_copy(update={"observed_at": now}).model_dump(by_alias=True, exclude_none=True)
     return status

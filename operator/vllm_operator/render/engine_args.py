@@ -58,9 +58,23 @@ def model_argument(spec: LLMDeploymentSpec) -> str:
     return path
 
 
-def tensor_parallel_size(spec: LLMDeploymentSpec) -> int:
-    pp = spec.engine.pipeline_parallel_size or 1
-    return spec.engine.tensor_parallel_size or max(spec.accelerator.devices // pp, 1)
+def parallel_sizes(spec: LLMDeploymentSpec) -> tuple[int, int]:
+    """(tensor, pipeline) parallel degrees of one replica over all its nodes. Unset, a replica that spans nodes
+    splits the usual way: tensor parallel inside a node, pipeline parallel across nodes."""
+    engine, nodes = spec.engine, spec.accelerator.nodes
+    per_node = spec.accelerator.devices or 1  # a CPU node runs one rank unless told otherwise
+    tp, pp = engine.tensor_parallel_size, engine.pipeline_parallel_size
+    if tp is None and pp is None:
+        return per_node, nodes
+    pp = pp or 1
+    return tp or max(per_node * nodes // pp, 1), pp
+
+
+def distributed_backend(spec: LLMDeploymentSpec) -> str | None:
+    """--distributed-executor-backend: the spec's, else the profile's across nodes, else vLLM's own choice."""
+    if spec.engine.distributed_backend is not None:
+        return spec.engine.distributed_backend
+    return profile_for(spec.accelerator.type).multinode_backend if spec.accelerator.nodes > 1 else None
 
 
 def _flag(name: str, value: object) -> list[str]:
@@ -108,10 +122,12 @@ def engine_args(spec: LLMDeploymentSpec, name: str) -> list[str]:
     args += _flag("--gpu-memory-utilization", engine.gpu_memory_utilization)
     args += _flag("--max-num-seqs", engine.max_num_seqs)
     args += _flag("--max-num-batched-tokens", engine.max_num_batched_tokens)
-    if profile.resource_name is not None:
-        args += ["--tensor-parallel-size", str(tensor_parallel_size(spec))]
-    if (engine.pipeline_parallel_size or 1) > 1:
-        args += ["--pipeline-parallel-size", str(engine.pipeline_parallel_size)]
+    tp, pp = parallel_sizes(spec)
+    if profile.resource_name is not None or spec.accelerator.nodes > 1:
+        args += ["--tensor-parallel-size", str(tp)]
+    if pp > 1:
+        args += ["--pipeline-parallel-size", str(pp)]
+    args += _flag("--distributed-executor-backend", distributed_backend(spec))
     args += _flag("--dtype", engine.dtype)
     args += _flag("--quantization", engine.quantization)
     args += _flag("--load-format", engine.load_format)

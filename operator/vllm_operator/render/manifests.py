@@ -18,12 +18,15 @@ from vllm_operator.render.engine_args import (
     engine_container,
     engine_image,
 )
+from vllm_operator.render import multinode
 from vllm_operator.render.profiles import device_resource, profile_for
 
 Manifest = dict[str, Any]
 
 SELECTOR_LABEL = f"{api.GROUP}/llmdeployment"
 ENGINE_CONTAINER = "vllm"
+# The Pods of a replica across nodes other than its leader: no API server, not scraped, not routed to.
+WORKER_COMPONENT = "engine-worker"
 MANAGED_BY = "vllm-operator"
 DEFAULT_CACHE_SIZE = "50Gi"
 # The startup probe's budget when the weights' size is unknown: a large model can take tens of minutes.
@@ -59,6 +62,13 @@ class Owner:
 
 def selector_labels(name: str) -> dict[str, str]:
     return {SELECTOR_LABEL: name}
+
+
+def serving_selector(spec: LLMDeploymentSpec, name: str) -> dict[str, str]:
+    """The Pods that serve the API: every engine Pod, or across nodes the group leaders only."""
+    if spec.accelerator.nodes > 1:
+        return {**selector_labels(name), multinode.WORKER_INDEX_LABEL: "0"}
+    return selector_labels(name)
 
 
 def common_labels(name: str, component: str) -> dict[str, str]:
@@ -97,7 +107,7 @@ def _resources(spec: LLMDeploymentSpec) -> dict[str, Any]:
     return out
 
 
-def _volumes(spec: LLMDeploymentSpec, owner: Owner) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def engine_volumes(spec: LLMDeploymentSpec, owner: Owner) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     cache_claim = spec.cache.existing_claim or cache_claim_name(owner.name)
     volumes: list[dict[str, Any]] = [
         {"name": "cache", "persistentVolumeClaim": {"claimName": cache_claim}}
@@ -134,10 +144,13 @@ def startup_budget_seconds(spec: LLMDeploymentSpec, weight_bytes_per_device: int
     return min(periods * STARTUP_PROBE_PERIOD_SECONDS, MAX_STARTUP_BUDGET_SECONDS)
 
 
-def live_startup_budget(deployment: Mapping[str, Any] | None) -> int | None:
-    """The startup budget of a live engine Deployment, so that a size the operator cannot learn now (the hub
-    does not answer) keeps the budget it had rather than restarting every engine with another."""
-    containers = (((deployment or {}).get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or []
+def live_startup_budget(workload: Mapping[str, Any] | None) -> int | None:
+    """The startup budget of a live engine Deployment or LeaderWorkerSet (its leaders'), so that a size the
+    operator cannot learn now (the hub does not answer) keeps the budget it had rather than restarting every
+    engine with another."""
+    spec = (workload or {}).get("spec") or {}
+    template = (spec.get("leaderWorkerTemplate") or {}).get("leaderTemplate") or spec.get("template") or {}
+    containers = (template.get("spec") or {}).get("containers") or []
     for container in containers:
         probe = container.get("startupProbe") if container.get("name") == ENGINE_CONTAINER else None
         if probe and isinstance(probe.get("periodSeconds"), int) and isinstance(probe.get("failureThreshold"), int):
@@ -154,8 +167,8 @@ def _probe(period: int, failures: int) -> dict[str, Any]:
     }
 
 
-def _engine_container(spec: LLMDeploymentSpec, owner: Owner, mounts: list[dict[str, Any]],
-                      startup_budget: int) -> dict[str, Any]:
+def engine_container_manifest(spec: LLMDeploymentSpec, owner: Owner, mounts: list[dict[str, Any]],
+                              startup_budget: int) -> dict[str, Any]:
     profile = profile_for(spec.accelerator.type)
     engine = engine_container(spec, owner.name)
     container: dict[str, Any] = {
@@ -233,12 +246,11 @@ def tolerations(spec: LLMDeploymentSpec) -> list[dict[str, Any]]:
     ]
 
 
-def deployment(spec: LLMDeploymentSpec, owner: Owner, startup_budget: int = STARTUP_PROBE_BUDGET_SECONDS) -> Manifest:
-    """The engine Deployment; ``startup_budget`` from ``startup_budget_seconds``."""
-    profile = profile_for(spec.accelerator.type)
-    volumes, mounts = _volumes(spec, owner)
+def engine_pod_template(spec: LLMDeploymentSpec, owner: Owner, container: Manifest, volumes: list[Manifest],
+                        component: str = "engine") -> Manifest:
+    """The Pod template of an engine Pod around ``container``: placement, identity and volumes from the spec."""
     pod_spec: dict[str, Any] = {
-        "containers": [_engine_container(spec, owner, mounts, startup_budget)],
+        "containers": [container],
         "volumes": volumes,
         "terminationGracePeriodSeconds": 60,
         "enableServiceLinks": False,
@@ -258,15 +270,23 @@ def deployment(spec: LLMDeploymentSpec, owner: Owner, startup_budget: int = STAR
         pod_spec["serviceAccountName"] = spec.service_account_name
     if spec.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
-    if lora_enabled(spec):
+    if lora_enabled(spec) and component == "engine":
         pod_spec["readinessGates"] = [{"conditionType": READINESS_GATE}]
+    template_meta: dict[str, Any] = {"labels": {**spec.pod_labels, **common_labels(owner.name, component)}}
+    if spec.pod_annotations:
+        template_meta["annotations"] = dict(spec.pod_annotations)
+    return {"metadata": template_meta, "spec": pod_spec}
+
+
+def deployment(spec: LLMDeploymentSpec, owner: Owner, startup_budget: int = STARTUP_PROBE_BUDGET_SECONDS) -> Manifest:
+    """The engine Deployment; ``startup_budget`` from ``startup_budget_seconds``."""
+    profile = profile_for(spec.accelerator.type)
+    volumes, mounts = engine_volumes(spec, owner)
+    template = engine_pod_template(spec, owner, engine_container_manifest(spec, owner, mounts, startup_budget), volumes)
     # Scarce devices: replace a replica in place rather than asking for more accelerators than replicas hold.
     strategy = (
         {"maxSurge": 0, "maxUnavailable": 1} if profile.scarce else {"maxSurge": "25%", "maxUnavailable": 0}
     )
-    template_meta: dict[str, Any] = {"labels": {**spec.pod_labels, **common_labels(owner.name, "engine")}}
-    if spec.pod_annotations:
-        template_meta["annotations"] = dict(spec.pod_annotations)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -276,7 +296,35 @@ def deployment(spec: LLMDeploymentSpec, owner: Owner, startup_budget: int = STAR
             "progressDeadlineSeconds": startup_budget + PROGRESS_MARGIN_SECONDS,
             "selector": {"matchLabels": selector_labels(owner.name)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": strategy},
-            "template": {"metadata": template_meta, "spec": pod_spec},
+            "template": template,
+        },
+    }
+
+
+def leader_worker_set(spec: LLMDeploymentSpec, owner: Owner,
+                      startup_budget: int = STARTUP_PROBE_BUDGET_SECONDS) -> Manifest:
+    """The engine LeaderWorkerSet of a model across ``accelerator.nodesPerReplica`` nodes: one group of that many
+    Pods per replica, created, placed and restarted as one (a lost worker restarts its group: vLLM cannot take a
+    rank back)."""
+    volumes, mounts = engine_volumes(spec, owner)
+    leader, worker = multinode.group_containers(spec, engine_container_manifest(spec, owner, mounts, startup_budget))
+    scarce = profile_for(spec.accelerator.type).scarce
+    return {
+        "apiVersion": multinode.API_VERSION,
+        "kind": multinode.KIND,
+        "metadata": _metadata(owner, owner.name, "engine"),
+        "spec": {
+            "replicas": spec.replicas,
+            # The workers start with the leader, not once it is Ready: it is Ready only after they joined.
+            "startupPolicy": "LeaderCreated",
+            "rolloutStrategy": {"type": "RollingUpdate", "rollingUpdateConfiguration": (
+                {"maxUnavailable": 1, "maxSurge": 0} if scarce else {"maxUnavailable": 0, "maxSurge": 1})},
+            "leaderWorkerTemplate": {
+                "size": spec.accelerator.nodes,
+                "restartPolicy": "RecreateGroupOnPodRestart",
+                "leaderTemplate": engine_pod_template(spec, owner, leader, volumes),
+                "workerTemplate": engine_pod_template(spec, owner, worker, volumes, WORKER_COMPONENT),
+            },
         },
     }
 
@@ -291,7 +339,7 @@ def service(spec: LLMDeploymentSpec, owner: Owner) -> Manifest:
         "metadata": metadata,
         "spec": {
             "type": spec.service.type,
-            "selector": selector_labels(owner.name),
+            "selector": serving_selector(spec, owner.name),
             "ports": [{"name": "http", "port": spec.service.port, "targetPort": "http", "protocol": "TCP"}],
         },
     }
@@ -338,9 +386,11 @@ ChildKey = tuple[str, str]  # (kind, name)
 def children(spec: LLMDeploymentSpec, owner: Owner,
              startup_budget: int = STARTUP_PROBE_BUDGET_SECONDS) -> dict[ChildKey, Manifest | None]:
     """Every child by kind and name; None means the child must not exist for this spec."""
+    across_nodes = spec.accelerator.nodes > 1
     return {
         ("PersistentVolumeClaim", cache_claim_name(owner.name)): cache_claim(spec, owner),
-        ("Deployment", owner.name): deployment(spec, owner, startup_budget),
+        ("Deployment", owner.name): None if across_nodes else deployment(spec, owner, startup_budget),
+        (multinode.KIND, owner.name): leader_worker_set(spec, owner, startup_budget) if across_nodes else None,
         ("Service", owner.name): service(spec, owner),
         ("PodDisruptionBudget", owner.name): disruption_budget(spec, owner),
     }

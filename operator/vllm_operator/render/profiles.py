@@ -36,6 +36,18 @@ class AcceleratorProfile:
     openvino_device: str | None = None
     # Seconds a start takes besides reading the weights: imports, compilation, warm-up, graph capture.
     startup_seconds: int = 15 * 60
+    # A replica across nodes: how its nodes join (engine.distributedBackend's default), and the environment its
+    # collectives need to find the Pod's network (eth0 is the Pod network; engine.env names another).
+    multinode_backend: str = "mp"
+    multinode_env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(_POD_NETWORK))
+
+
+# gloo carries the CPU-side collectives of every backend (and all of them on CPUs).
+_POD_NETWORK = {"GLOO_SOCKET_IFNAME": "eth0"}
+
+
+def _network(**env: str) -> Mapping[str, str]:
+    return MappingProxyType({**_POD_NETWORK, **env})
 
 
 def _tolerate(*keys: str) -> tuple[Mapping[str, str], ...]:
@@ -54,6 +66,7 @@ PROFILES: Mapping[str, AcceleratorProfile] = MappingProxyType({
         product_label="nvidia.com/gpu.product",
         tolerations=_tolerate("nvidia.com/gpu"),
         graph_capture=True,
+        multinode_env=_network(NCCL_SOCKET_IFNAME="eth0"),
     ),
     "amd": AcceleratorProfile(
         type="amd",
@@ -63,6 +76,7 @@ PROFILES: Mapping[str, AcceleratorProfile] = MappingProxyType({
         tolerations=_tolerate("amd.com/gpu"),
         graph_capture=True,
         startup_seconds=20 * 60,  # ROCm's kernels are tuned and compiled on the first start
+        multinode_env=_network(NCCL_SOCKET_IFNAME="eth0"),  # RCCL reads NCCL's variables
     ),
     "gaudi": AcceleratorProfile(
         type="gaudi",
@@ -79,6 +93,9 @@ PROFILES: Mapping[str, AcceleratorProfile] = MappingProxyType({
         capabilities=("SYS_NICE",),
         default_block_size=128,
         startup_seconds=45 * 60,  # HPU graph warm-up over every bucket of batch and sequence length
+        # vLLM on Gaudi spans nodes through Ray; HCCL finds its peers on the Pod network.
+        multinode_backend="ray",
+        multinode_env=_network(HCCL_SOCKET_IFNAME="eth0"),
     ),
     "intel-gpu": AcceleratorProfile(
         type="intel-gpu",
@@ -92,6 +109,7 @@ PROFILES: Mapping[str, AcceleratorProfile] = MappingProxyType({
         # The device plugin exposes only the cards it allocated, so the first GPU is the Pod's.
         openvino_device="GPU",
         startup_seconds=20 * 60,
+        multinode_backend="ray",  # vLLM's XPU platform spans nodes through Ray
     ),
     "cpu": AcceleratorProfile(
         type="cpu",

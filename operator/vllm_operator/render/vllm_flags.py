@@ -35,6 +35,13 @@ OWNED_FLAGS: dict[str, str] = {
     "--max-num-batched-tokens": "spec.engine.maxNumBatchedTokens",
     "--tensor-parallel-size": "spec.engine.tensorParallelSize",
     "--pipeline-parallel-size": "spec.engine.pipelineParallelSize",
+    "--distributed-executor-backend": "spec.engine.distributedBackend",
+    # A replica across nodes: the operator gives each Pod its rank and the leader's address.
+    "--nnodes": "spec.accelerator.nodesPerReplica",
+    "--node-rank": "spec.accelerator.nodesPerReplica",
+    "--master-addr": "spec.accelerator.nodesPerReplica",
+    "--master-port": "spec.accelerator.nodesPerReplica",
+    "--headless": "spec.accelerator.nodesPerReplica",
     "--dtype": "spec.engine.dtype",
     "--quantization": "spec.engine.quantization",
     "--load-format": "spec.engine.loadFormat",
@@ -57,7 +64,7 @@ OWNED_FLAGS: dict[str, str] = {
 REMOVED_FLAGS: dict[str, str] = {
     "--disable-log-requests": "request logging is off by default; --enable-log-requests turns it on",
     "--max-seq-len-to-capture": "use spec.engine.cudaGraph.captureSizes (--cudagraph-capture-sizes)",
-    "--worker-use-ray": "use --distributed-executor-backend=ray",
+    "--worker-use-ray": "use spec.engine.distributedBackend: ray",
     "--engine-use-ray": "use --distributed-executor-backend=ray",
     "--swap-space": "CPU swap space is gone; size the KV cache with spec.engine.gpuMemoryUtilization "
                     "or spec.engine.cpuKVCacheSpaceGiB",
