@@ -24,7 +24,7 @@ venv: $(VENV)/.installed ## the operator's virtual environment (.venv)
 engine: venv ## the vLLM CPU engine's virtual environment (cached under ~/.cache/vllm-operator)
 	$(DEVPY) -m devcluster.engine ensure
 
-binaries: venv ## build etcd, kube-*, kwok, helm, prometheus and promtool once (cached under ~/.cache/vllm-operator/bin)
+binaries: venv ## build etcd, kube-*, kwok, helm, prometheus, promtool and the LeaderWorkerSet controller once (cached under ~/.cache/vllm-operator/bin)
 	$(DEVPY) -m devcluster.binaries
 
 model: engine ## generate the tiny test model into the cache

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -22,7 +21,7 @@ from bench.kube import llmdeployment_path
 from bench.report import Row
 from bench.rig import Rig, cpu_seconds, llmdeployment
 from bench.sizes import Size
-from devcluster.operatorproc import free_port, operator_env
+from devcluster.operatorproc import as_in_image, free_port, operator_env
 from vllm_operator.gateway.watch import ENGINE_PODS
 from vllm_operator.render.engine_args import ENGINE_PORT
 
@@ -199,7 +198,7 @@ async def gateway_process(rig: Rig, namespace: str, model: str = NAME,
     log_file = Path(tempfile.mkdtemp(prefix="vllm-operator-bench-gateway-")) / "gateway.log"
     with log_file.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "vllm_operator.cli", "gateway", "--kubeconfig", str(rig.kubeconfig),
+            [*as_in_image("gateway"), "--kubeconfig", str(rig.kubeconfig),
              "--namespace", namespace, "--host", "127.0.0.1", "--port", str(port), "--log-format", "text",
              "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env=operator_env())

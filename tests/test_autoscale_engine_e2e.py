@@ -79,6 +79,8 @@ def test_chat_load_adds_an_engine_and_idleness_removes_it(
     assert scaled is not None and scaled["spec"]["replicas"] == 2
     assert "requestsPerReplica" in scaled["status"]["autoscaling"]["reason"], scaled["status"]["autoscaling"]
     assert all(answers(ip) for ip in both), "both engines serve"
+    # An edit of the behavior applies to the running autoscaler: a shorter delay lets the idle engine go now.
+    llmd.patch_spec(cluster.api_client, namespace, NAME, {"autoscaling": {"behavior": {"scaleDownDelaySeconds": 30}}})
 
     wait_for("back to one engine once idle", lambda: (
         (obj := llmd.get(cluster.api_client, namespace, NAME)) and obj["spec"]["replicas"] == 1

@@ -27,7 +27,7 @@ from kubernetes.utils import parse_quantity as library_quantity
 
 import llmd
 from devcluster.hub import LocalHub
-from devcluster.operatorproc import free_port, operator_env, wait_healthy
+from devcluster.operatorproc import WITHOUT_KUBERNETES, as_in_image, free_port, operator_env, wait_healthy
 from devcluster.pytest_plugin import Cluster, wait_for
 from vllm_operator import api, handlers, kubeconfig
 from vllm_operator.kubeconfig import ConfigError, parse_quantity, parse_rfc3339
@@ -36,8 +36,6 @@ from vllm_operator.kube import Credentials, Kube
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "operator" / "vllm_operator"
 LOCAL_CLUSTER = ROOT / ".local-cluster"
-# The operator image has no kubernetes package: None in sys.modules makes every import of it fail alike.
-WITHOUT_KUBERNETES = "import sys; sys.modules['kubernetes'] = None; "
 
 
 # -- no kubernetes package --------------------------------------------------------------------------
@@ -324,11 +322,10 @@ def test_the_operator_reconciles_without_the_kubernetes_package(
     """kopf's watches log in through the operator's own handler: kopf's fallbacks need the package."""
     health, metrics = free_port(), free_port()
     log_file = tmp_path / "operator.log"
-    script = WITHOUT_KUBERNETES + "from vllm_operator.cli import main; sys.exit(main(sys.argv[1:]))"
     with log_file.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-c", script, "run", "--kubeconfig", str(cluster.kubeconfig), "-n", namespace,
-             "--metrics-port", str(metrics), "--health-port", str(health)],
+            as_in_image("run", "--kubeconfig", str(cluster.kubeconfig), "-n", namespace,
+                        "--metrics-port", str(metrics), "--health-port", str(health)),
             # Only --kubeconfig says where the cluster is: kopf's own fallback reads $KUBECONFIG.
             stdout=log, stderr=subprocess.STDOUT, env=operator_env({**hub.env(), "KUBECONFIG": str(tmp_path / "none")}))
     try:

@@ -4,6 +4,7 @@ moving between one node and two replaces the Deployment with a LeaderWorkerSet a
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ import llmd
 from devcluster.operatorproc import OperatorProcess
 from devcluster.pytest_plugin import Cluster, wait_for
 from test_reconcile_e2e import apps, read_or_none, small
+from test_trust_e2e import replace_spec
 
 pytestmark = pytest.mark.cluster
 
@@ -162,3 +164,49 @@ def test_moving_between_one_node_and_two_replaces_the_workload_and_leaks_nothing
     again = apps(cluster).read_namespaced_deployment(name, namespace)
     assert again.metadata.uid != deployment.metadata.uid
     assert again.spec.template.spec.containers[0].args == deployment.spec.template.spec.containers[0].args
+
+
+def test_a_leader_worker_set_of_the_same_name_that_is_not_ours_is_left_alone(
+    operator: OperatorProcess, cluster: Cluster, namespace: str
+) -> None:
+    manifest = small(llmd.example("llama31-405b-h100-2nodes"))
+    name = manifest["metadata"]["name"]
+    custom = client.CustomObjectsApi(cluster.api_client)
+    pod = {"metadata": {}, "spec": {"containers": [{"name": "app", "image": "example.com/app:1"}],
+                                    "nodeSelector": {"no-such-node": "true"}}}
+    foreign = custom.create_namespaced_custom_object(*LWS[:2], namespace, LWS[2], {
+        "apiVersion": "/".join(LWS[:2]), "kind": "LeaderWorkerSet", "metadata": {"name": name},
+        "spec": {"replicas": 1, "leaderWorkerTemplate": {"size": 2, "workerTemplate": pod}}})
+
+    llmd.create(cluster.api_client, namespace, manifest)
+    conflicted = wait_for("the ChildConflict condition", lambda: (
+        (obj := llmd.get(cluster.api_client, namespace, name))
+        and (llmd.condition(obj, "Degraded") or {}).get("reason") == "ChildConflict" and obj), 30)
+    assert f"LeaderWorkerSet {name} already exists" in llmd.condition(conflicted, "Degraded")["message"]
+    after = leader_worker_set(cluster, namespace, name)
+    assert after is not None and after["metadata"]["uid"] == foreign["metadata"]["uid"]
+    assert {m["manager"] for m in after["metadata"].get("managedFields") or []}.isdisjoint({"vllm-operator"})
+    assert not after["metadata"].get("ownerReferences")
+
+
+def test_a_field_removed_from_the_spec_leaves_every_rank(
+    operator: OperatorProcess, cluster: Cluster, namespace: str
+) -> None:
+    manifest = small(llmd.example("llama31-405b-h100-2nodes"))
+    name = manifest["metadata"]["name"]
+    llmd.create(cluster.api_client, namespace, manifest)
+    wait_for("the LeaderWorkerSet with --max-model-len", lambda: (
+        (lws := leader_worker_set(cluster, namespace, name))
+        and "--max-model-len" in lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["args"]),
+        30)
+    spec = copy.deepcopy(manifest["spec"])
+    del spec["engine"]["maxModelLen"]
+    replace_spec(cluster, namespace, name, spec)
+
+    def args() -> list[list[str]]:
+        lws = leader_worker_set(cluster, namespace, name) or {}
+        template = lws.get("spec", {}).get("leaderWorkerTemplate", {})
+        return [template[t]["spec"]["containers"][0]["args"] for t in ("leaderTemplate", "workerTemplate")]
+
+    wait_for("--max-model-len to leave the leader's and the worker's arguments",
+             lambda: all("--max-model-len" not in a for a in args()), 30)
