@@ -6,8 +6,8 @@ N-1 workers run the rest of the ranks headless. The LWS controller creates and r
 (``RecreateGroupOnPodRestart``: a lost worker restarts its group, as vLLM cannot take a rank back) and gives
 every Pod the leader's address and its own index, which the command lines below read from the environment.
 
-With ``mp`` (vLLM's own multi-node) every Pod runs the server module with ``--nnodes``, ``--node-rank`` and
-``--master-addr``; the workers add ``--headless``. With ``ray`` the leader starts a Ray head, waits until every
+With ``mp`` (vLLM's own multi-node) every Pod gets ``--nnodes``, ``--node-rank`` and ``--master-addr``: the
+leader runs the server module as on one node, the workers ``vllm serve --headless``. With ``ray`` the leader starts a Ray head, waits until every
 node joined, then runs the server with ``--distributed-executor-backend ray``; the workers join the head.
 """
 
@@ -17,11 +17,11 @@ import shlex
 from collections.abc import Mapping
 from typing import Any
 
-Manifest = dict[str, Any]
-
 from vllm_operator.api import LLMDeploymentSpec
 from vllm_operator.render.engine_args import ENGINE_COMMAND, distributed_backend
 from vllm_operator.render.profiles import profile_for
+
+Manifest = dict[str, Any]
 
 API_VERSION = "leaderworkerset.x-k8s.io/v1"
 KIND = "LeaderWorkerSet"
@@ -48,10 +48,6 @@ def member_of(pod: Mapping[str, Any], name: str) -> bool | None:
     return labels.get(WORKER_INDEX_LABEL) == "0"
 
 
-def nodes(spec: LLMDeploymentSpec) -> int:
-    return spec.accelerator.nodes
-
-
 def _pod_ip_env() -> dict[str, Any]:
     # vLLM and Ray advertise this address to the other ranks: the Pod's own, not whatever the host resolves.
     return {"name": "VLLM_HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
@@ -69,13 +65,13 @@ def _env(spec: LLMDeploymentSpec, base: list[dict[str, Any]]) -> list[dict[str, 
 
 
 def _mp_args(spec: LLMDeploymentSpec, rank: str) -> list[str]:
-    return ["--nnodes", str(nodes(spec)), "--node-rank", rank, "--master-addr", f"$({LEADER_ADDRESS_ENV})",
+    return ["--nnodes", str(spec.accelerator.nodes), "--node-rank", rank, "--master-addr", f"$({LEADER_ADDRESS_ENV})",
             "--master-port", str(MASTER_PORT)]
 
 
 def _ray_leader_script(spec: LLMDeploymentSpec) -> str:
     """Start the head, wait until all N nodes joined, then become the server (its arguments follow "$@")."""
-    wanted = nodes(spec)
+    wanted = spec.accelerator.nodes
     count = 'import ray; ray.init(address="auto", logging_level="ERROR"); print(sum(n["Alive"] for n in ray.nodes()))'
     server = " ".join(shlex.quote(part) for part in ENGINE_COMMAND)
     return (
