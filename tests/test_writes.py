@@ -78,6 +78,20 @@ def test_a_key_that_no_longer_needs_a_write_leaves_the_line() -> None:
     assert budget.request("c") == 0
 
 
+def test_a_key_that_stops_asking_does_not_hold_the_line() -> None:
+    """A deferred key whose reconcile does not come back at its turn (it failed and backs off for minutes, say)
+    loses its place once its turn is well past, instead of holding every key behind it."""
+    clock = Clock()
+    budget = WriteBudget(per_second=1, burst=1, clock=clock)
+    assert budget.request("a") == 0
+    stuck = budget.request("b")  # b is told when its turn comes, then never asks again
+    waiting = budget.request("c")
+    clock.now += waiting
+    assert budget.request("c") > 0  # b's turn is not past by much: c still waits behind it
+    clock.now += stuck + WriteBudget.GRACE_SECONDS
+    assert budget.request("c") == 0 and budget.waiting == 0
+
+
 def test_download_progress_is_a_paced_figures_write_and_its_phase_is_written_at_once() -> None:
     cache = {"phase": "Downloading", "job": "j", "bytesTotal": 100, "bytesDone": 10, "percent": 10.0,
              "bytesPerSecond": 5.0, "etaSeconds": 18.0, "message": "downloading"}

@@ -98,8 +98,13 @@ class WriteBudget:
     """A global token bucket for figure-only status writes, fair across LLMDeployments.
 
     A key that finds no token takes a numbered place in line; tokens then go to the line's head
-    first, so a busy LLMDeployment that asks on every scrape cannot starve one that asked once.
+    first, so a busy LLMDeployment that asks on every scrape cannot starve one that asked once. A key
+    that does not come back within ``GRACE_SECONDS`` of its turn (its reconcile failed and backs off
+    for minutes, say) loses its place rather than holding every key behind it; it queues again when
+    it asks again.
     """
+
+    GRACE_SECONDS = 30.0
 
     def __init__(self, per_second: float, burst: int | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -111,6 +116,7 @@ class WriteBudget:
         self._tokens = self.burst
         self._at = clock()
         self._line: OrderedDict[Hashable, int] = OrderedDict()  # key -> its place, in order
+        self._turn: dict[Hashable, float] = {}  # key -> when it was told to come back
         self._places = 0
 
     def _refill(self) -> None:
@@ -121,21 +127,30 @@ class WriteBudget:
     def request(self, key: Hashable) -> float:
         """0 when ``key`` may write now (a token is taken); otherwise the seconds until its turn."""
         self._refill()
+        now = self._at
+        while self._line:
+            head = next(iter(self._line))
+            if head == key or self._turn[head] + self.GRACE_SECONDS >= now:
+                break
+            self.cancel(head)  # its turn is long past: it no longer asks
         head = next(iter(self._line), key)
         if head == key and self._tokens >= 1:
             self._tokens -= 1
-            self._line.pop(key, None)
+            self.cancel(key)
             return 0.0
         if key not in self._line:
             self._line[key] = self._places
             self._places += 1
         # Places of keys that left the line meanwhile still count: an upper bound, and O(1).
         ahead = self._line[key] - next(iter(self._line.values()))
-        return max((ahead + 1 - self._tokens) / self.rate, 1 / self.rate)
+        wait = max((ahead + 1 - self._tokens) / self.rate, 1 / self.rate)
+        self._turn[key] = now + wait
+        return wait
 
     def cancel(self, key: Hashable) -> None:
         """``key`` no longer needs its write (deleted, or its figures went back): leave the line."""
         self._line.pop(key, None)
+        self._turn.pop(key, None)
 
     @property
     def waiting(self) -> int:
