@@ -55,10 +55,13 @@ def explain(cluster: Cluster, namespace: str, name: str) -> Callable[[], str]:
     return describe
 
 
+def events(cluster: Cluster, namespace: str, name: str) -> list[client.CoreV1Event]:
+    return list(client.CoreV1Api(cluster.api_client).list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={name}").items)
+
+
 def reasons(cluster: Cluster, namespace: str, name: str) -> list[str]:
-    events = client.CoreV1Api(cluster.api_client).list_namespaced_event(
-        namespace, field_selector=f"involvedObject.name={name}").items
-    return [e.reason for e in events]
+    return [e.reason for e in events(cluster, namespace, name)]
 
 
 def test_a_request_on_a_model_that_is_not_ready_makes_no_job(
@@ -87,15 +90,26 @@ def test_bench_runs_vllms_serving_benchmark_one_at_a_time(cluster: Cluster, serv
     second = bench(cluster, namespace, NAME, *options)
     engine_seen: list[dict[str, Any]] = []
 
-    def first_done() -> dict[str, Any] | None:
+    def second_done() -> dict[str, Any] | None:
         status = benchmark_status(cluster, namespace, NAME)
         engine_seen.append(engine_status(cluster, namespace))
-        if status.get("id") == first and status.get("phase") == "Running" and second in status.get("message", ""):
-            assert len(jobs(cluster, namespace)) == 1  # the second waits: never two at once
-        return status if status.get("id") == first and status.get("phase") in ("Succeeded", "Failed") else None
+        assert len(jobs(cluster, namespace)) <= 1  # the second waits for the first: never two at once
+        return status if status.get("id") == second and status.get("phase") in ("Succeeded", "Failed") else None
 
-    # A run takes about 10 s here; the Job's own deadline is what a user would wait for at most.
-    done = wait_for("the first benchmark's result", first_done, 300, 1, explain(cluster, namespace, NAME))
+    # A run takes about 10 s here; the Job's own deadline is what a user would wait for at most. The first's result
+    # holds status.benchmark only until the waiting request starts, a moment later: its Event keeps it.
+    done = wait_for("both benchmarks' results", second_done, 600, 0.5, explain(cluster, namespace, NAME))
+
+    def succeeded() -> dict[str, str]:
+        return {e.message.split(":")[0]: e.message for e in events(cluster, namespace, NAME)
+                if e.reason == "BenchmarkSucceeded"}
+
+    # Events are posted after the status write.
+    finished = wait_for("an Event for each result", lambda: len(found := succeeded()) >= 2 and found, 30)
+    assert set(finished) == {f"benchmark {first}", f"benchmark {second}"}, finished
+    assert "0 of 60 requests failed" in finished[f"benchmark {first}"]
+    waited = [e.message for e in events(cluster, namespace, NAME) if e.reason == "BenchmarkWaiting"]
+    assert any(f"request {second} waits for it to finish" in m for m in waited), waited
     assert done["phase"] == "Succeeded", done
     results = done["results"]
     assert results["completedRequests"] == 60 and results["failedRequests"] == 0
@@ -105,7 +119,7 @@ def test_bench_runs_vllms_serving_benchmark_one_at_a_time(cluster: Cluster, serv
     assert done["settings"] == {"dataset": "random", "numPrompts": 60, "inputLen": 64, "outputLen": 64,
                                 "requestRate": 20.0}
     assert done["startTime"] <= done["completionTime"]
-    # The engine's own figures, scraped while the benchmark ran, saw that load, with latencies that agree with the
+    # The engine's own figures, scraped while the benchmarks ran, saw that load, with latencies that agree with the
     # benchmark's own: status.engine's percentiles come from the engine's histogram buckets over a scrape
     # interval, so agreeing is being within a factor of the benchmark's p50..p99, not equal.
     busy = [s for s in engine_seen if s.get("generationTokensPerSecond", 0) > 0 and "itlSecondsP50" in s]
@@ -117,18 +131,16 @@ def test_bench_runs_vllms_serving_benchmark_one_at_a_time(cluster: Cluster, serv
     assert any(agrees(s["itlSecondsP50"], results["itlSecondsP50"], results["itlSecondsP99"]) for s in busy), (
         results, busy)
     # The engine times the first token from the request's arrival in it; the benchmark adds the HTTP round trip and
-    # the API server's work, which on a busy CPU can be most of it. So the engine's TTFT is at most the benchmark's.
-    assert any(0 < s["ttftSecondsP50"] <= results["ttftSecondsP99"] * AGREEMENT for s in busy), (results, busy)
+    # the API server's work, which on a busy CPU can be most of it. So the engine's TTFT is at most the benchmark's
+    # (the first run's, whose engine was cold, is in its Event: "TTFT p50/p99 <p50>/<p99> ms").
+    first_p99 = float(finished[f"benchmark {first}"].split("TTFT p50/p99 ")[1].split(" ms")[0].split("/")[1]) / 1000
+    ttft_p99 = max(results["ttftSecondsP99"], first_p99)
+    assert any(0 < s["ttftSecondsP50"] <= ttft_p99 * AGREEMENT for s in busy), (results, first_p99, busy)
     report = client.CoreV1Api(cluster.api_client).read_namespaced_config_map(f"{NAME}-benchmark", namespace)
     owner = llmd.get(cluster.api_client, namespace, NAME)
     assert owner is not None
     assert [(r.kind, r.uid, r.controller) for r in report.metadata.owner_references] == [
         (api.KIND, owner["metadata"]["uid"], True)]
-    assert '"p99_ttft_ms"' in report.data["report.json"]
+    assert '"p99_ttft_ms"' in report.data["report.json"] and second in report.data["report.json"]
     assert {"BenchmarkStarted", "BenchmarkWaiting", "BenchmarkSucceeded"} <= set(reasons(cluster, namespace, NAME))
-
-    second_done = wait_for("the second benchmark's result", lambda: (
-        (s := benchmark_status(cluster, namespace, NAME)).get("id") == second
-        and s.get("phase") in ("Succeeded", "Failed") and s), 300, 1, explain(cluster, namespace, NAME))
-    assert second_done["phase"] == "Succeeded", second_done
     wait_for("the finished Jobs to go", lambda: jobs(cluster, namespace) == [], 60)
