@@ -285,6 +285,15 @@ def test_a_finished_run_is_recorded_then_its_job_deleted_and_the_next_one_starte
     after = benchmark.plan(parsed(id="r2"), None, a_spec(), OWNER, jobs, pods, plan.status, NOW)
     assert after.delete == (jobs[0]["metadata"]["name"],)
     assert after.create is not None and after.status is not None and after.status["id"] == "r2"
+    # The finished run stays readable while the next one runs (`bench --wait` on r1 finds it there), and on.
+    assert after.status["previous"] == plan.status
+    api.BenchmarkStatus.model_validate(after.status)
+    running_r2 = benchmark.plan(parsed(id="r2"), None, a_spec(), OWNER, [a_job("r2")], [], after.status, NOW)
+    assert running_r2.status is not None and running_r2.status["previous"] == plan.status
+    r2_done = {**running_r2.status, "phase": "Succeeded"}
+    third = benchmark.plan(parsed(id="r3"), None, a_spec(), OWNER, [], [], r2_done, NOW)
+    assert third.status is not None and third.status["previous"] == {k: v for k, v in r2_done.items()
+                                                                      if k != "previous"}
 
 
 def test_a_finished_job_waits_for_its_pods_end_to_be_seen() -> None:

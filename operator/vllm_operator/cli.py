@@ -205,7 +205,9 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             deadline, said = time.monotonic() + args.timeout, None
             while time.monotonic() < deadline:
                 found = await kube.get(api.KIND, namespace, args.name)
-                status = (found.get("status") or {}).get("benchmark") or {}
+                latest = (found.get("status") or {}).get("benchmark") or {}
+                # A request queued after this one may have started already: this one's result is then the previous.
+                status = latest if latest.get("id") == request_id else latest.get("previous") or latest
                 if status.get("id") == request_id and status.get("message") != said:
                     said = status["message"]
                     print(f"{status['phase']}: {said}", file=sys.stderr)

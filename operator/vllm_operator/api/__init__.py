@@ -1362,8 +1362,8 @@ class BenchmarkResults(ApiModel):
 BenchmarkPhase = Literal["Waiting", "Running", "Succeeded", "Failed"]
 
 
-class BenchmarkStatus(ApiModel):
-    """The latest benchmark request and, once it ran, its result."""
+class BenchmarkRun(ApiModel):
+    """One benchmark request and, once it ran, its result."""
 
     id: str = Field(description="The request's id (from the llm.vllm-operator.io/benchmark annotation).")
     phase: BenchmarkPhase = Field(
@@ -1377,6 +1377,15 @@ class BenchmarkStatus(ApiModel):
     completion_time: str | None = Field(None, description="When it finished (RFC 3339).")
     results: BenchmarkResults | None = Field(None, description="The headline figures, once it finished.")
     report: str | None = Field(None, description="The ConfigMap holding the full report of the last finished run.")
+
+
+class BenchmarkStatus(BenchmarkRun):
+    """The latest benchmark request and, once it ran, its result."""
+
+    previous: BenchmarkRun | None = Field(
+        None, description="The request before this one, once it finished: kept while the next one waits and runs, "
+        "so that its result does not leave the status the moment a waiting request starts."
+    )
 
 
 class ReplicaStartup(ApiModel):

@@ -385,8 +385,21 @@ def plan(parsed: Parsed | None, unready: str | None, spec: LLMDeploymentSpec, ow
     return _with_events(previous, Plan(status, delete=tuple(delete)))
 
 
+def _keeping_previous(old: Mapping[str, Any], new: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``new`` with status.benchmark.previous: ``old`` when ``new`` is another request and ``old`` finished, else
+    what ``old`` kept."""
+    if not new:
+        return new
+    if old.get("id") not in (None, new["id"]) and old.get("phase") in ("Succeeded", "Failed"):
+        return {**new, "previous": {k: v for k, v in old.items() if k != "previous"}}
+    if old.get("id") == new["id"] and "previous" in old:
+        return {**new, "previous": old["previous"]}
+    return new
+
+
 def _with_events(previous: Mapping[str, Any], result: Plan) -> Plan:
     """One Event for each change a person would want to hear of: waiting, started, finished."""
+    result = Plan(_keeping_previous(previous, result.status), result.create, result.delete, result.report, result.events)
     new = result.status or {}
     if not new or (previous.get("id"), previous.get("phase"), previous.get("message")) == (
             new.get("id"), new.get("phase"), new.get("message")):
