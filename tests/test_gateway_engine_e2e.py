@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
@@ -132,14 +133,26 @@ def test_an_engine_killed_mid_stream_ends_the_stream_with_an_error_and_the_other
 
     # Six long streams opened at once, which LeastLoad spreads over both replicas. A fast CPU decodes the tiny
     # model's whole context in seconds, so the kill falls on a replica seen decoding, the moment it is seen.
+    opening = time.monotonic()
     with ThreadPoolExecutor(6) as pool:
         streams = list(pool.map(open_stream, range(6)))
+    opened = time.monotonic() - opening
 
     def decoding() -> client.V1Pod | None:
         return next((pod for pod in llmd.owned_pods(cluster.api_client, served, NAME)
                      if engine_sample(pod).requests_running), None)
 
-    doomed = wait_for("an engine decoding the streams", decoding, 30, 0.1)
+    def engines_said() -> str:
+        """What each engine's /metrics says of its requests: the evidence when none is seen decoding."""
+        lines = [f"the six streams took {opened:.1f}s to open"]
+        for pod in llmd.owned_pods(cluster.api_client, served, NAME):
+            wanted = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:request_success_total",
+                      "vllm:generation_tokens_total")
+            lines += [f"{pod.metadata.name}: {line}" for line in engine_metrics(pod).splitlines()
+                      if line.startswith(wanted)]
+        return "\n".join(lines)
+
+    doomed = wait_for("an engine decoding the streams", decoding, 30, 0.1, engines_said)
     os.kill(int(doomed.status.container_statuses[0].container_id.removeprefix("localruntime://")), signal.SIGKILL)
 
     def outcome(stream: Iterator[Any]) -> str:

@@ -305,6 +305,24 @@ def test_apiserver_refuses_an_adapter_named_like_the_object(crd_installed: None,
 
 
 @pytest.mark.cluster
+def test_apiserver_refuses_a_name_too_long_for_groups_across_nodes(crd_installed: None, cluster: Any,
+                                                                    namespace: str) -> None:
+    """The LeaderWorkerSet's StatefulSets and Pods are named after the object: a rule on the whole object, and its
+    twin api.name_too_long_across_nodes."""
+    body = _manifest({"spec.accelerator": {"type": "nvidia", "count": 8, "nodesPerReplica": 2},
+                      "spec.cache.accessMode": "ReadWriteMany"})
+    body["metadata"]["name"] = "n" * 45
+    assert api.name_too_long_across_nodes(api.LLMDeploymentSpec.model_validate(body["spec"]), body["metadata"]["name"])
+    with pytest.raises(ApiException) as refused:
+        client.CustomObjectsApi(cluster.api_client).create_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, body)
+    assert api.NODES_NAME_MESSAGE.split(": ")[0].split("1, ")[1] in refused.value.body  # JSON escapes ">"
+    body["metadata"]["name"] = "n" * 44
+    client.CustomObjectsApi(cluster.api_client).create_namespaced_custom_object(
+        api.GROUP, api.VERSION, namespace, api.PLURAL, body, dry_run="All")
+
+
+@pytest.mark.cluster
 @pytest.mark.parametrize(("name", "words"), [("1llama", "must start with a letter"), ("a" * 58, "at most 57")])
 def test_apiserver_refuses_names_that_cannot_name_a_service(
     crd_installed: None, cluster: Any, namespace: str, name: str, words: str

@@ -61,7 +61,8 @@ def test_405b_on_two_h100_nodes_is_a_leader_worker_set_with_per_rank_arguments()
     owner = Owner(manifest["metadata"]["name"], "ai", "uid-1")
     rendered = children(LLMDeploymentSpec.model_validate(manifest["spec"]), owner)
     assert rendered[("Deployment", owner.name)] is None
-    lws = rendered[("LeaderWorkerSet", owner.name)]
+    # Not the LLMDeployment's name: the LWS controller names a headless Service after the LWS.
+    lws = rendered[("LeaderWorkerSet", f"{owner.name}-lws")]
     assert lws is not None and lws["apiVersion"] == "leaderworkerset.x-k8s.io/v1"
     template = lws["spec"]["leaderWorkerTemplate"]
     assert template["size"] == 2 and template["restartPolicy"] == "RecreateGroupOnPodRestart"
@@ -97,11 +98,18 @@ def test_every_flag_of_every_rank_exists_in_vllm() -> None:
     known = catalog().aliases
     for name in ("llama31-405b-h100-2nodes", "llama3-70b-gaudi-2nodes"):
         manifest = example(name)
-        lws = children(LLMDeploymentSpec.model_validate(manifest["spec"]), OWNER)[("LeaderWorkerSet", OWNER.name)]
+        lws = children(LLMDeploymentSpec.model_validate(manifest["spec"]), OWNER)[("LeaderWorkerSet", "big-lws")]
         assert lws is not None
         for container in group(lws):
             flags = [a.split("=")[0] for a in container["args"] if a.startswith("--")]
             assert [f for f in flags if f not in known] == [], name
+
+
+def test_a_name_too_long_for_the_groups_is_refused_across_nodes_only() -> None:
+    assert api.name_too_long_across_nodes(spec(), "n" * 44) is None
+    assert api.name_too_long_across_nodes(spec(), "n" * 45) == api.NODES_NAME_MESSAGE
+    one_node = spec(accelerator={"type": "nvidia", "count": 8})
+    assert api.name_too_long_across_nodes(one_node, "n" * 57) is None
 
 
 def fake_tools(folder: Path, nodes_up: int) -> dict[str, str]:
@@ -117,7 +125,7 @@ def fake_tools(folder: Path, nodes_up: int) -> dict[str, str]:
 
 def test_on_gaudi_the_nodes_join_through_ray_and_the_leader_serves_once_all_joined(tmp_path: Path) -> None:
     manifest = example("llama3-70b-gaudi-2nodes")
-    lws = children(LLMDeploymentSpec.model_validate(manifest["spec"]), OWNER)[("LeaderWorkerSet", OWNER.name)]
+    lws = children(LLMDeploymentSpec.model_validate(manifest["spec"]), OWNER)[("LeaderWorkerSet", "big-lws")]
     assert lws is not None
     leader, worker = group(lws)
     assert "--distributed-executor-backend" in leader["args"]

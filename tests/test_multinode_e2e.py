@@ -25,14 +25,15 @@ WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
 
 
 def leader_worker_set(cluster: Cluster, namespace: str, name: str) -> Obj | None:
+    """The LeaderWorkerSet of LLMDeployment ``name``."""
     return read_or_none(client.CustomObjectsApi(cluster.api_client).get_namespaced_custom_object,
-                        *LWS[:2], namespace, LWS[2], name)
+                        *LWS[:2], namespace, LWS[2], f"{name}-lws")
 
 
 def group_pods(cluster: Cluster, namespace: str, name: str) -> list[client.V1Pod]:
     """The Pods of the LLMDeployment's groups that are not going away, by group and rank."""
     pods = client.CoreV1Api(cluster.api_client).list_namespaced_pod(
-        namespace, label_selector=f"leaderworkerset.sigs.k8s.io/name={name}").items
+        namespace, label_selector=f"leaderworkerset.sigs.k8s.io/name={name}-lws").items
     live = [p for p in pods if p.metadata.deletion_timestamp is None]
     return sorted(live, key=lambda p: (p.metadata.labels.get(GROUP_INDEX), p.metadata.labels.get(WORKER_INDEX)))
 
@@ -71,15 +72,16 @@ def test_a_replica_across_two_nodes_is_a_group_on_two_nodes(
     assert leader.spec.node_name != worker.spec.node_name  # eight devices each: a node apiece
     # The LWS controller's Pod webhook told each Pod its rank and the leader's address.
     leader_env, worker_env = env_of(leader), env_of(worker)
-    assert worker_env["LWS_LEADER_ADDRESS"] == leader_env["LWS_LEADER_ADDRESS"] == f"{name}-0.{name}.{namespace}"
+    address = f"{name}-lws-0.{name}-lws.{namespace}"  # the LWS controller's headless Service, not ours
+    assert worker_env["LWS_LEADER_ADDRESS"] == leader_env["LWS_LEADER_ADDRESS"] == address
     assert (leader_env["LWS_WORKER_INDEX"], worker_env["LWS_WORKER_INDEX"]) == ("0", "1")
     if rank_flags:
         leader_args = expand(leader.spec.containers[0].args, leader_env)
         worker_args = expand(worker.spec.containers[0].args, worker_env)
         assert leader_args[-8:] == ["--nnodes", "2", "--node-rank", "0", "--master-addr",
-                                    f"{name}-0.{name}.{namespace}", "--master-port", "29501"]
+                                    address, "--master-port", "29501"]
         assert worker_args[-9:-1] == ["--nnodes", "2", "--node-rank", "1", "--master-addr",
-                                      f"{name}-0.{name}.{namespace}", "--master-port", "29501"]
+                                      address, "--master-port", "29501"]
         assert worker_args[-1] == "--headless"
     status = ready["status"]
     assert status["ready"] == "1/1" and status["replicas"] == 1
@@ -89,7 +91,12 @@ def test_a_replica_across_two_nodes_is_a_group_on_two_nodes(
         (leader.metadata.name, "leader", leader.spec.node_name), (worker.metadata.name, "worker", worker.spec.node_name)]
     # Only the leader serves: the Service selects it, the scale subresource counts leaders.
     # (The local cluster runs no endpoints controller: loopback Pod IPs are no endpoints. The selector decides.)
-    selector = client.CoreV1Api(cluster.api_client).read_namespaced_service(name, namespace).spec.selector
+    core = client.CoreV1Api(cluster.api_client)
+    service = core.read_namespaced_service(name, namespace)
+    assert service.metadata.owner_references[0].kind == "LLMDeployment" and service.spec.cluster_ip != "None"
+    headless = core.read_namespaced_service(f"{name}-lws", namespace)
+    assert headless.spec.cluster_ip == "None" and headless.metadata.owner_references[0].kind == "LeaderWorkerSet"
+    selector = service.spec.selector
     assert selector.items() <= leader.metadata.labels.items() and not selector.items() <= worker.metadata.labels.items()
     assert status["selector"].endswith(f"{WORKER_INDEX}=0")
     scraped = wait_for("engine metrics from the leader", lambda: (
@@ -175,14 +182,15 @@ def test_a_leader_worker_set_of_the_same_name_that_is_not_ours_is_left_alone(
     pod = {"metadata": {}, "spec": {"containers": [{"name": "app", "image": "example.com/app:1"}],
                                     "nodeSelector": {"no-such-node": "true"}}}
     foreign = custom.create_namespaced_custom_object(*LWS[:2], namespace, LWS[2], {
-        "apiVersion": "/".join(LWS[:2]), "kind": "LeaderWorkerSet", "metadata": {"name": name},
+        "apiVersion": "/".join(LWS[:2]), "kind": "LeaderWorkerSet",
+        "metadata": {"name": f"{name}-lws"},
         "spec": {"replicas": 1, "leaderWorkerTemplate": {"size": 2, "workerTemplate": pod}}})
 
     llmd.create(cluster.api_client, namespace, manifest)
     conflicted = wait_for("the ChildConflict condition", lambda: (
         (obj := llmd.get(cluster.api_client, namespace, name))
         and (llmd.condition(obj, "Degraded") or {}).get("reason") == "ChildConflict" and obj), 30)
-    assert f"LeaderWorkerSet {name} already exists" in llmd.condition(conflicted, "Degraded")["message"]
+    assert f"LeaderWorkerSet {name}-lws already exists" in llmd.condition(conflicted, "Degraded")["message"]
     after = leader_worker_set(cluster, namespace, name)
     assert after is not None and after["metadata"]["uid"] == foreign["metadata"]["uid"]
     assert {m["manager"] for m in after["metadata"].get("managedFields") or []}.isdisjoint({"vllm-operator"})

@@ -944,6 +944,21 @@ ADAPTER_CLASH_MESSAGE = (
     "an adapter may not take the model's served name (model.servedName, else metadata.name): clients could not tell "
     "them apart"
 )
+# A replica across nodes: the LeaderWorkerSet is named metadata.name + "-lws" (the LWS controller names its headless
+# Service after it, which must not be the LLMDeployment's Service), its workers' StatefulSets "<lws>-<group>" and
+# their Pods "<lws>-<group>-<rank>". A StatefulSet's name and a 10-character hash make its Pods' revision label,
+# at most 63 characters: "-lws" and "-999" leave 44 for the name. On the whole object (crd.py), with its twin
+# name_too_long_across_nodes.
+MAX_NAME_LENGTH_ACROSS_NODES = 44
+NODES_NAME_MESSAGE = (
+    f"with accelerator.nodesPerReplica > 1, metadata.name may have at most {MAX_NAME_LENGTH_ACROSS_NODES} characters: "
+    "the LeaderWorkerSet, its StatefulSets and Pods are named after it, and Kubernetes limits the labels they carry "
+    "to 63"
+)
+NODES_NAME_RULE = (
+    "!has(self.spec.accelerator.nodesPerReplica) || self.spec.accelerator.nodesPerReplica == 1 || "
+    f"size(self.metadata.name) <= {MAX_NAME_LENGTH_ACROSS_NODES}"
+)
 # On the whole object, where metadata.name is in reach (crd.py); adapter_name_clash is its twin.
 ADAPTER_CLASH_RULE = (
     "!has(self.spec.adapters) || !self.spec.adapters.exists(a, a.name == (has(self.spec.model.servedName) ? "
@@ -1549,6 +1564,11 @@ def adapter_name_clash(spec: LLMDeploymentSpec, name: str | None) -> str | None:
     ``name`` when model.servedName is unset; None where the spec is judged without its object)."""
     served = spec.model.served_name or name
     return ADAPTER_CLASH_MESSAGE if any(adapter.name == served for adapter in spec.adapters) else None
+
+
+def name_too_long_across_nodes(spec: LLMDeploymentSpec, name: str) -> str | None:
+    """The twin of NODES_NAME_RULE: the message when a replica across nodes has too long a name."""
+    return NODES_NAME_MESSAGE if spec.accelerator.nodes > 1 and len(name) > MAX_NAME_LENGTH_ACROSS_NODES else None
 
 
 TRUE_VALUES = ("1", "true", "yes", "on")

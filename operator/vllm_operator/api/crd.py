@@ -110,6 +110,7 @@ def crd() -> dict[str, Any]:
                 f"most {MAX_NAME_LENGTH} characters (it names the Service and the cache claim)",
             ),
             api.cel(api.ADAPTER_CLASH_RULE, api.ADAPTER_CLASH_MESSAGE),
+            api.cel(api.NODES_NAME_RULE, api.NODES_NAME_MESSAGE),
         ],
         "properties": {
             "apiVersion": {"type": "string", "description": "Versioned schema of this object."},

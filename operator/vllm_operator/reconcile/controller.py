@@ -20,7 +20,14 @@ from pydantic import ValidationError
 
 from vllm_operator import api, benchmark, observability
 from vllm_operator.adapters.sync import AdapterTarget, ReplicaAdapters
-from vllm_operator.api import LLMDeploymentSpec, adapter_name_clash, adapter_source, lora_enabled, pulls_model
+from vllm_operator.api import (
+    LLMDeploymentSpec,
+    adapter_name_clash,
+    adapter_source,
+    lora_enabled,
+    name_too_long_across_nodes,
+    pulls_model,
+)
 from vllm_operator.autoscale.decide import Autoscaler, Decision, LoadSample
 from vllm_operator.cache.fit import (
     Deployment,
@@ -280,7 +287,7 @@ class Controller:
                 meta["name"], meta["namespace"], meta.get("generation", 0), 0, spec_error=describe_validation_error(error),
             ))
             return True
-        if clash := adapter_name_clash(spec, owner.name):
+        if clash := adapter_name_clash(spec, owner.name) or name_too_long_across_nodes(spec, owner.name):
             await self._write_status(key, body, Observation(
                 owner.name, owner.namespace, meta.get("generation", 0), 0, spec_error=clash))
             return True
@@ -533,8 +540,8 @@ class Controller:
         body = self.resources.get(key)
         if body is None:
             return None
-        for kind in ENGINE_KINDS:
-            found = self.children.get(key, {}).get((kind, key[1]))
+        for kind, name in (("Deployment", key[1]), (multinode.KIND, multinode.lws_name(key[1]))):
+            found = self.children.get(key, {}).get((kind, name))
             if found is not None and controller_uid(found) == body["metadata"]["uid"]:
                 return found
         return None
@@ -556,7 +563,8 @@ class Controller:
         if workload["kind"] == multinode.KIND:
             # The LWS controller owns the leaders' StatefulSet, and each leader Pod its workers' StatefulSet; the
             # group labels are its Pod webhook's, which only it sets on Pods of its StatefulSets.
-            return {name: pod for name, pod in pods.items() if multinode.member_of(pod, key[1]) == leaders}
+            lws = workload["metadata"]["name"]
+            return {name: pod for name, pod in pods.items() if multinode.member_of(pod, lws) == leaders}
         if not leaders:
             return {}
         uid = workload["metadata"]["uid"]

@@ -312,7 +312,7 @@ def leader_worker_set(spec: LLMDeploymentSpec, owner: Owner,
     return {
         "apiVersion": multinode.API_VERSION,
         "kind": multinode.KIND,
-        "metadata": _metadata(owner, owner.name, "engine"),
+        "metadata": _metadata(owner, multinode.lws_name(owner.name), "engine"),
         "spec": {
             "replicas": spec.replicas,
             # The workers start with the leader, not once it is Ready: it is Ready only after they joined.
@@ -390,7 +390,8 @@ def children(spec: LLMDeploymentSpec, owner: Owner,
     return {
         ("PersistentVolumeClaim", cache_claim_name(owner.name)): cache_claim(spec, owner),
         ("Deployment", owner.name): None if across_nodes else deployment(spec, owner, startup_budget),
-        (multinode.KIND, owner.name): leader_worker_set(spec, owner, startup_budget) if across_nodes else None,
+        (multinode.KIND, multinode.lws_name(owner.name)):
+            leader_worker_set(spec, owner, startup_budget) if across_nodes else None,
         ("Service", owner.name): service(spec, owner),
         ("PodDisruptionBudget", owner.name): disruption_budget(spec, owner),
     }

@@ -39,6 +39,12 @@ HEADLESS_COMMAND = ("vllm", "serve")
 RAY_JOIN_SECONDS = 600
 
 
+def lws_name(owner_name: str) -> str:
+    """The LeaderWorkerSet of LLMDeployment ``owner_name``. Not its own name: the LWS controller gives the group's
+    Pods DNS names through a headless Service named like the LWS, and that name is the LLMDeployment's Service."""
+    return f"{owner_name}-lws"
+
+
 def member_of(pod: Mapping[str, Any], name: str) -> bool | None:
     """True for the leader of a group of LeaderWorkerSet ``name``, False for a worker, None for neither."""
     labels = pod["metadata"].get("labels") or {}
