@@ -88,6 +88,17 @@ def wait_phase(api_client: client.ApiClient, namespace: str, name: str, phase: s
         raise AssertionError(f"timed out after {timeout:.0f}s waiting for {last_seen()}") from None
 
 
+def events_once(api_client: client.ApiClient, namespace: str, name: str,
+                holds: Callable[[list[client.CoreV1Event]], bool], timeout: float = 15) -> list[client.CoreV1Event]:
+    """The Events about ``name`` once ``holds`` says they include what a test looks for. The operator posts Events
+    after the status write they describe, so a test that saw the status may be a moment ahead of them."""
+    def listed() -> list[client.CoreV1Event] | None:
+        found = list(client.CoreV1Api(api_client).list_namespaced_event(
+            namespace, field_selector=f"involvedObject.name={name}").items)
+        return found if holds(found) else None
+    return wait_for(f"the Events of {name}", listed, timeout)
+
+
 def owned_pods(api_client: client.ApiClient, namespace: str, name: str) -> list[client.V1Pod]:
     """The engine Pods (not those of its download or benchmark Jobs), but those being deleted."""
     pods = client.CoreV1Api(api_client).list_namespaced_pod(

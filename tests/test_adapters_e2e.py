@@ -126,8 +126,9 @@ def test_the_adapters_are_loaded_and_answer_differently_and_a_too_high_rank_is_r
     roots = {m["id"]: m["root"] for m in call(pod, "/v1/models")["data"]}
     assert roots["sql"].endswith(f"/models--local--sql-lora/snapshots/{download['revision']}"), roots
     assert (llmd.get(cluster.api_client, served, NAME) or {})["status"]["loadedAdapters"] == 2
-    events = client.CoreV1Api(cluster.api_client).list_namespaced_event(served).items
-    reasons = {(e.reason, e.message) for e in events if e.involved_object.name == NAME}
+    events = llmd.events_once(cluster.api_client, served, NAME, lambda events: {"AdapterLoaded", "AdapterFailed"}
+                              <= {e.reason for e in events})
+    reasons = {(e.reason, e.message) for e in events}
     assert ("AdapterLoaded", "adapter sql is loaded in all 1 running engines") in reasons
     assert any(reason == "AdapterFailed" and "max_lora_rank 16" in message for reason, message in reasons)
 

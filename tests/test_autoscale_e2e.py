@@ -66,8 +66,7 @@ def test_a_queue_building_up_adds_replicas(operator: OperatorProcess, cluster: C
     assert scaling["desiredReplicas"] == 4, scaling
     assert "waitingRequests" in scaling["reason"], scaling
     assert obj is not None and apps(cluster).read_namespaced_deployment(NAME, namespace).spec.replicas == 4
-    events = core(cluster).list_namespaced_event(namespace, field_selector=f"involvedObject.name={NAME}").items
-    assert any(e.reason == "Scaled" for e in events)
+    llmd.events_once(cluster.api_client, namespace, NAME, lambda events: any(e.reason == "Scaled" for e in events))
 
 
 def test_a_count_outside_the_bounds_moves_to_them_before_any_engine_exists(
@@ -123,8 +122,8 @@ def test_an_idle_model_scales_to_zero_and_keeps_its_cache(
     assert woken["spec"]["replicas"] == 1
     set_loads(cluster, namespace, IDLE)
     llmd.wait_phase(cluster.api_client, namespace, NAME, "Idle", 120)
-    reasons = [e.reason for e in core(cluster).list_namespaced_event(
-        namespace, field_selector=f"involvedObject.name={NAME}").items]
+    reasons = [e.reason for e in llmd.events_once(cluster.api_client, namespace, NAME,
+                                                  lambda events: any(e.reason == "Scaled" for e in events))]
     assert "ScaleOverruled" not in reasons and reasons.count("Scaled") >= 1, reasons
 
 

@@ -9,7 +9,6 @@ import threading
 import urllib.request
 
 import pytest
-from kubernetes import client
 
 import llmd
 from devcluster import engine
@@ -85,7 +84,7 @@ def test_chat_load_adds_an_engine_and_idleness_removes_it(
     wait_for("back to one engine once idle", lambda: (
         (obj := llmd.get(cluster.api_client, namespace, NAME)) and obj["spec"]["replicas"] == 1
         and len(llmd.owned_pods(cluster.api_client, namespace, NAME)) == 1), SCALE_DOWN_DELAY + 120, 2)
-    events = client.CoreV1Api(cluster.api_client).list_namespaced_event(
-        namespace, field_selector=f"involvedObject.name={NAME}").items
+    events = llmd.events_once(cluster.api_client, namespace, NAME,
+                              lambda events: sum(e.reason == "Scaled" for e in events) >= 2)
     scaled = sorted(e.message.split(" replicas")[0] for e in events if e.reason == "Scaled")
     assert scaled == ["1 -> 2", "2 -> 1"], [e.message for e in events if e.reason == "Scaled"]

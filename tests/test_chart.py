@@ -454,8 +454,8 @@ def test_namespaced_install_serves_with_only_its_own_rbac(
             and (llmd.condition(obj, "Degraded") or {}).get("reason") == "ApplyFailed" and obj), 60)
         message = llmd.condition(refused, "Degraded")["message"]
         assert "PodDisruptionBudget refused" in message and "forbidden" in message, message
-        events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=refused").items
-        assert any(e.type == "Warning" and e.reason == "ApplyFailed" for e in events)
+        llmd.events_once(cluster.api_client, namespace, "refused", lambda events: any(
+            e.type == "Warning" and e.reason == "ApplyFailed" for e in events))
         assert process.process is not None and process.process.poll() is None, "the operator exited"
         assert llmd.get(cluster.api_client, namespace, "served")["status"]["phase"] == "Ready"
     finally:

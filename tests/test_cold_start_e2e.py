@@ -246,7 +246,6 @@ def test_a_repo_that_does_not_exist_fails_with_the_hubs_reason(
     assert failed["status"]["cache"]["phase"] == "Failed"
     [job] = jobs(cluster, namespace)
     assert job.status.failed == 1  # failed at once: no retry can find the repo
-    events = client.CoreV1Api(cluster.api_client).list_namespaced_event(
-        namespace, field_selector="involvedObject.name=nope").items
-    assert any(e.type == "Warning" and e.reason == "Failed" and "does not exist" in e.message for e in events)
+    llmd.events_once(cluster.api_client, namespace, "nope", lambda events: any(
+        e.type == "Warning" and e.reason == "Failed" and "does not exist" in e.message for e in events))
     assert not client.AppsV1Api(cluster.api_client).list_namespaced_deployment(namespace).items

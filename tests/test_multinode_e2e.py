@@ -120,7 +120,9 @@ def test_a_lost_worker_restarts_its_group_and_the_status_names_it(
     try:
         for node in others:
             core.patch_node(node, {"spec": {"unschedulable": True}})
-        core.delete_namespaced_pod(worker.metadata.name, namespace, grace_period_seconds=0)
+        # Gracefully, as an eviction or a drain does: the LWS controller sees it going (deletionTimestamp) and restarts
+        # the group. (Deleted at once, the Pod is simply gone, and its StatefulSet makes it again.)
+        core.delete_namespaced_pod(worker.metadata.name, namespace)
         held = wait_for("the status to name the member that cannot be placed", lambda: (
             (obj := llmd.get(cluster.api_client, namespace, name))
             and any(g.get("message") and "Unschedulable" in g["message"] for g in obj["status"].get("groups") or [])

@@ -186,8 +186,8 @@ def test_more_gpus_than_a_node_has_is_reported_unschedulable(
     unschedulable = llmd.condition(pending, "Unschedulable")
     assert "Insufficient nvidia.com/gpu" in unschedulable["message"]
     assert llmd.condition(pending, "Ready")["reason"] == "Unschedulable"
-    events = core(cluster).list_namespaced_event(namespace, field_selector="involvedObject.name=mistral-7b").items
-    assert any(e.reason == "Unschedulable" and e.type == "Warning" for e in events)
+    llmd.events_once(cluster.api_client, namespace, "mistral-7b", lambda events: any(
+        e.reason == "Unschedulable" and e.type == "Warning" for e in events))
 
 
 def test_a_flag_vllm_does_not_know_is_refused_at_admission_and_a_known_one_serves(

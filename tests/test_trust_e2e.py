@@ -182,8 +182,8 @@ def test_an_object_of_the_same_name_that_is_not_ours_is_left_alone(
     message = llmd.condition(conflicted, "Degraded")["message"]
     assert f"{kind} {child_name} already exists" in message and "delete or rename it" in message
     assert conflicted["status"]["phase"] != "Ready"
-    events = core(cluster).list_namespaced_event(namespace, field_selector="involvedObject.name=qwen-cpu").items
-    assert any(e.reason == "ChildConflict" and e.type == "Warning" for e in events)
+    llmd.events_once(cluster.api_client, namespace, "qwen-cpu", lambda events: any(
+        e.reason == "ChildConflict" and e.type == "Warning" for e in events))
 
     after = read_foreign(cluster, namespace, kind, child_name)
     # Controllers of the cluster update its status; the operator must not appear among its writers.
