@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from devcluster import crds
 from devcluster.engine import model_snapshot
 from devcluster.hub import LocalHub, Repo, default_repos, folder_repo, write_synthetic
 from devcluster.operatorproc import OperatorProcess
@@ -23,25 +23,16 @@ CRD_FILE = REPO_ROOT / "crds" / "llm.vllm-operator.io_llmdeployments.yaml"
 TEST_SCRAPE_INTERVAL = 2.0
 
 
-def _established(extensions: client.ApiextensionsV1Api, name: str) -> bool:
-    crd = extensions.read_custom_resource_definition(name)
-    return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
-
-
 @pytest.fixture(scope="session")
 def crd_installed(cluster: Cluster) -> None:
     """The checked-in CRD, applied (server-side, so reruns update it) and Established."""
     manifest = yaml.safe_load(CRD_FILE.read_text())
     name = manifest["metadata"]["name"]
-    extensions = client.ApiextensionsV1Api(cluster.api_client)
     try:
-        extensions.patch_custom_resource_definition(
-            name, manifest, field_manager="vllm-operator-tests", force=True,
-            _content_type="application/apply-patch+yaml",
-        )
+        crds.apply(cluster.api_client, manifest, "vllm-operator-tests")
     except ApiException as exc:
         pytest.fail(f"the apiserver refused {CRD_FILE.name}: {exc.status} {exc.body}", pytrace=False)
-    wait_for(f"CRD {name} Established", lambda: _established(extensions, name), 30)
+    wait_for(f"CRD {name} Established", lambda: crds.established(cluster.api_client, name), 30)
 
 
 BIG_REPO = "local/big"

@@ -47,6 +47,7 @@ from kubernetes import client, dynamic
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
+from devcluster import crds
 from devcluster.certs import Authority, Identity
 from devcluster.cluster import REPO_ROOT, LocalCluster, Ports
 from devcluster.operatorproc import OperatorProcess
@@ -223,15 +224,8 @@ def own_cluster(out: Out, keep: bool = False) -> Iterator[tuple[LocalCluster, Pa
 
 def install_crd(api_client: client.ApiClient) -> None:
     manifest = yaml.safe_load(CRD_FILE.read_text())
-    extensions = client.ApiextensionsV1Api(api_client)
-    extensions.patch_custom_resource_definition(manifest["metadata"]["name"], manifest, field_manager="chaos",
-                                                force=True, _content_type="application/apply-patch+yaml")
-
-    def established() -> bool:
-        crd = extensions.read_custom_resource_definition(manifest["metadata"]["name"])
-        return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
-
-    until("the CRD to be Established", established, 30)
+    crds.apply(api_client, manifest, "chaos")
+    until("the CRD to be Established", lambda: crds.established(api_client, manifest["metadata"]["name"]), 30)
 
 
 def until(what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:

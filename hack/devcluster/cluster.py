@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 from kubernetes import client, config
 
-from devcluster import audit, binaries, lws, nodes
+from devcluster import audit, binaries, crds, lws, nodes
 from devcluster.certs import Authority, Identity, KeyPair, service_account_key
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -660,7 +660,7 @@ class LocalCluster:
             nodes.ensure_storage_class(api)
             step("nodes", f"{', '.join(simulated)} and StorageClass {nodes.STORAGE_CLASS} applied")
             self._wait(apiserver, apiserver_popen, f"CRD {lws.CRD_NAME} Established",
-                       lambda: lws.crd_established(api), 30)
+                       lambda: crds.established(api, lws.CRD_NAME), 30)
             controller = self._process("lws").start(
                 [binary("lws-controller"), f"--kubeconfig={configs / 'lws.kubeconfig'}", f"--config={lws_config}",
                  # Its development logger defaults to debug: a line per reconcile and admission.

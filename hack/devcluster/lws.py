@@ -17,6 +17,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from devcluster import crds
 from devcluster.binaries import LWS
 
 CRD_NAME = "leaderworkersets.leaderworkerset.x-k8s.io"
@@ -27,6 +28,7 @@ NAME_PREFIX = "lws-"
 PATCHES = {"MutatingWebhookConfiguration": "mutating-patch.yaml",
            "ValidatingWebhookConfiguration": "validating-patch.yaml"}
 TIMEOUT = (5, 30)  # connect, read
+MANAGER = "devcluster"
 
 Obj = dict[str, Any]
 
@@ -90,41 +92,17 @@ def webhook_configurations(webhook_port: int, ca_bundle: bytes) -> list[Obj]:
     return found
 
 
-def _create_or_replace(create: Any, read: Any, replace: Any, body: Obj) -> None:
-    name = body["metadata"]["name"]
-    try:
-        create(body, _request_timeout=TIMEOUT)
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-        body = {**body, "metadata": {**body["metadata"],
-                                     "resourceVersion": read(name, _request_timeout=TIMEOUT).metadata.resource_version}}
-        replace(name, body, _request_timeout=TIMEOUT)
-
-
 def install(api: client.ApiClient, webhook_port: int, ca_bundle: bytes) -> None:
-    """The CRD and the webhook registrations, created or brought up to date (ports may differ between runs)."""
-    extensions = client.ApiextensionsV1Api(api)
-    _create_or_replace(extensions.create_custom_resource_definition, extensions.read_custom_resource_definition,
-                       extensions.replace_custom_resource_definition, crd())
+    """The CRD and the webhook registrations, applied server-side: a rerun brings them up to date (ports may differ
+    between runs)."""
+    crds.apply(api, crd(), MANAGER)
     admission = client.AdmissionregistrationV1Api(api)
     for document in webhook_configurations(webhook_port, ca_bundle):
-        if document["kind"] == "MutatingWebhookConfiguration":
-            _create_or_replace(admission.create_mutating_webhook_configuration,
-                               admission.read_mutating_webhook_configuration,
-                               admission.replace_mutating_webhook_configuration, document)
-        else:
-            _create_or_replace(admission.create_validating_webhook_configuration,
-                               admission.read_validating_webhook_configuration,
-                               admission.replace_validating_webhook_configuration, document)
-
-
-def crd_established(api: client.ApiClient) -> bool:
-    try:
-        found = client.ApiextensionsV1Api(api).read_custom_resource_definition(CRD_NAME, _request_timeout=TIMEOUT)
-    except Exception:  # noqa: BLE001 - a transient API error just means "not yet"
-        return False
-    return any(c.type == "Established" and c.status == "True" for c in (found.status.conditions or []))
+        patch = (admission.patch_mutating_webhook_configuration
+                 if document["kind"] == "MutatingWebhookConfiguration"
+                 else admission.patch_validating_webhook_configuration)
+        patch(document["metadata"]["name"], document, field_manager=MANAGER, force=True,
+              _content_type=crds.APPLY_PATCH, _request_timeout=TIMEOUT)
 
 
 def admits(api: client.ApiClient) -> bool:
