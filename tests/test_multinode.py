@@ -185,6 +185,9 @@ def test_a_group_is_ready_with_its_leader_ready_and_every_worker_running() -> No
     leader, worker = member("big-0", 0, 0), member("big-0-1", 0, 1, node="gpu-h100-1")
     assert multinode.member_of(leader, "big") is True and multinode.member_of(worker, "big") is False
     assert multinode.member_of(leader, "other") is None
+    odd = member("big-0-x", 0, 1)
+    odd["metadata"]["labels"][multinode.WORKER_INDEX_LABEL] = "x"  # not the webhook's: no member, no crash
+    assert multinode.member_of(odd, "big") is None
     [ready] = replica_groups([leader], [worker], 2)
     assert ready == {"index": 0, "ready": True, "workersReady": "1/1", "members": [
         {"pod": "big-0", "role": "leader", "rank": 0, "node": "gpu-h100-0", "state": "Ready"},

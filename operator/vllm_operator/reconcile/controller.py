@@ -58,6 +58,7 @@ from vllm_operator.render.manifests import (
     children,
     common_labels,
     endpoint,
+    engine_keys,
     live_startup_budget,
     serving_selector,
     startup_budget_seconds,
@@ -71,8 +72,6 @@ log = logging.getLogger("vllm_operator.reconcile.controller")
 
 # How long a change of a child or of a status waits for the changes that usually follow it.
 SETTLE_SECONDS = 1.0
-# The kinds that run the engines: one replica per Pod, or one per group of Pods across nodes.
-ENGINE_KINDS = ("Deployment", multinode.KIND)
 LWS_MISSING = (
     "the LeaderWorkerSet API is not installed: accelerator.nodesPerReplica > 1 needs the LeaderWorkerSet controller "
     "(sigs.k8s.io/lws v0.7 or later) in the cluster; install it, or set nodesPerReplica: 1"
@@ -540,8 +539,8 @@ class Controller:
         body = self.resources.get(key)
         if body is None:
             return None
-        for kind, name in (("Deployment", key[1]), (multinode.KIND, multinode.lws_name(key[1]))):
-            found = self.children.get(key, {}).get((kind, name))
+        for child in engine_keys(key[1]):
+            found = self.children.get(key, {}).get(child)
             if found is not None and controller_uid(found) == body["metadata"]["uid"]:
                 return found
         return None
@@ -578,7 +577,7 @@ class Controller:
         outcomes = await asyncio.gather(*(
             self._sync_child(key, owner, child, manifest, live.get(child))
             for child, manifest in children(spec, owner, startup_budget).items()
-            if not (hold_engines and child[0] in ENGINE_KINDS)
+            if not (hold_engines and child in engine_keys(owner.name))
         ))
         for store, found in ((self.apply_errors, [o.error for o in outcomes if o.error]),
                              (self.conflicts, [o.conflict for o in outcomes if o.conflict])):

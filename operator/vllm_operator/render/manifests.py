@@ -383,15 +383,21 @@ def endpoint(spec: LLMDeploymentSpec, owner: Owner) -> str:
 ChildKey = tuple[str, str]  # (kind, name)
 
 
+def engine_keys(owner_name: str) -> tuple[ChildKey, ChildKey]:
+    """The children that run the engines, of which a spec renders one: the Deployment (one Pod per replica) and
+    the LeaderWorkerSet (a group of Pods across nodes per replica)."""
+    return ("Deployment", owner_name), (multinode.KIND, multinode.lws_name(owner_name))
+
+
 def children(spec: LLMDeploymentSpec, owner: Owner,
              startup_budget: int = STARTUP_PROBE_BUDGET_SECONDS) -> dict[ChildKey, Manifest | None]:
     """Every child by kind and name; None means the child must not exist for this spec."""
     across_nodes = spec.accelerator.nodes > 1
+    one_node, groups = engine_keys(owner.name)
     return {
         ("PersistentVolumeClaim", cache_claim_name(owner.name)): cache_claim(spec, owner),
-        ("Deployment", owner.name): None if across_nodes else deployment(spec, owner, startup_budget),
-        (multinode.KIND, multinode.lws_name(owner.name)):
-            leader_worker_set(spec, owner, startup_budget) if across_nodes else None,
+        one_node: None if across_nodes else deployment(spec, owner, startup_budget),
+        groups: leader_worker_set(spec, owner, startup_budget) if across_nodes else None,
         ("Service", owner.name): service(spec, owner),
         ("PodDisruptionBudget", owner.name): disruption_budget(spec, owner),
     }

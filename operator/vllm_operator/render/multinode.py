@@ -7,8 +7,9 @@ N-1 workers run the rest of the ranks headless. The LWS controller creates and r
 every Pod the leader's address and its own index, which the command lines below read from the environment.
 
 With ``mp`` (vLLM's own multi-node) every Pod gets ``--nnodes``, ``--node-rank`` and ``--master-addr``: the
-leader runs the server module as on one node, the workers ``vllm serve --headless``. With ``ray`` the leader starts a Ray head, waits until every
-node joined, then runs the server with ``--distributed-executor-backend ray``; the workers join the head.
+leader runs the server module as on one node, the workers ``vllm serve --headless``. With ``ray`` the leader
+starts a Ray head, waits until every node joined, then runs the server with ``--distributed-executor-backend
+ray``; the workers join the head.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def member_of(pod: Mapping[str, Any], name: str) -> bool | None:
     """True for the leader of a group of LeaderWorkerSet ``name``, False for a worker, None for neither."""
     labels = pod["metadata"].get("labels") or {}
     controller = next((r for r in pod["metadata"].get("ownerReferences") or [] if r.get("controller")), {})
-    if labels.get(NAME_LABEL) != name or controller.get("kind") != "StatefulSet" or GROUP_INDEX_LABEL not in labels:
+    indices = (labels.get(GROUP_INDEX_LABEL, ""), labels.get(WORKER_INDEX_LABEL, ""))
+    if labels.get(NAME_LABEL) != name or controller.get("kind") != "StatefulSet" or not all(i.isdigit() for i in indices):
         return None
     return labels.get(WORKER_INDEX_LABEL) == "0"
 

@@ -65,7 +65,7 @@ REMOVED_FLAGS: dict[str, str] = {
     "--disable-log-requests": "request logging is off by default; --enable-log-requests turns it on",
     "--max-seq-len-to-capture": "use spec.engine.cudaGraph.captureSizes (--cudagraph-capture-sizes)",
     "--worker-use-ray": "use spec.engine.distributedBackend: ray",
-    "--engine-use-ray": "use --distributed-executor-backend=ray",
+    "--engine-use-ray": "use spec.engine.distributedBackend: ray",
     "--swap-space": "CPU swap space is gone; size the KV cache with spec.engine.gpuMemoryUtilization "
                     "or spec.engine.cpuKVCacheSpaceGiB",
     "--cuda-graph-sizes": "use spec.engine.cudaGraph.captureSizes (--cudagraph-capture-sizes)",
