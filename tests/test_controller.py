@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-from vllm_operator.reconcile.controller import LAST_APPLIED, Controller, Key, WorkQueue, conflict_message, retry_delay, slim
+from vllm_operator.reconcile.controller import Controller, Key, WorkQueue, conflict_message, retry_delay
+from vllm_operator.reconcile.drift import matches
+from vllm_operator.reconcile.stores import LAST_APPLIED, PackedChild, slim
 from test_status import observe, pod
 from vllm_operator.engines.metrics import EngineStats
 from vllm_operator.render.manifests import Owner
@@ -51,6 +53,22 @@ def test_slim_shares_equal_strings_between_objects() -> None:
     first, second = (slim(json.loads(json.dumps(watched("Deployment")))) for _ in range(2))
     assert first["metadata"]["labels"]["a"] is second["metadata"]["labels"]["a"]
     assert next(iter(first["spec"])) is next(iter(second["spec"]))
+
+
+def test_a_packed_child_reads_as_the_slim_object_and_cannot_be_changed_through_a_read() -> None:
+    body = watched("Deployment")
+    packed = PackedChild(body)
+    assert dict(packed) == slim(body) and packed["spec"] == {"containers": []}
+    packed["spec"]["containers"].append({"name": "mine"})
+    assert packed["spec"] == {"containers": []}
+    assert "spec" not in PackedChild({k: v for k, v in body.items() if k != "spec"})
+
+
+def test_drift_sees_a_packed_child_as_the_object_it_holds() -> None:
+    body = watched("Deployment")
+    want = {"kind": "Deployment", "metadata": {"labels": {"a": "b"}}, "spec": {"containers": []}}
+    assert matches(want, PackedChild(body))
+    assert not matches({**want, "spec": {"containers": [{"name": "x"}]}}, PackedChild(body))
 
 
 def test_delayed_adds_are_folded_into_one() -> None:

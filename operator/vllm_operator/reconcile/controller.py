@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -47,6 +46,7 @@ from vllm_operator.engines.startup import StartupStage
 from vllm_operator.kube import Kube, KubeError, now_rfc3339
 from vllm_operator.reconcile.drift import controller_uid, matches, owned, stamped
 from vllm_operator.reconcile.queue import Key, WorkQueue, retry_delay
+from vllm_operator.reconcile.stores import PackedChild, slim
 from vllm_operator.reconcile.status import Observation, compute_status, past_startup, status_events
 from vllm_operator.reconcile.writes import Change, WriteBudget, classify, figures_moved
 from vllm_operator.render.engine_args import ENGINE_PORT, served_model_name
@@ -76,9 +76,6 @@ LWS_MISSING = (
     "the LeaderWorkerSet API is not installed: accelerator.nodesPerReplica > 1 needs the LeaderWorkerSet controller "
     "(sigs.k8s.io/lws v0.7 or later) in the cluster; install it, or set nodesPerReplica: 1"
 )
-LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
-# Longer strings (messages, chat templates) rarely repeat across objects.
-SHARED_STRING_LENGTH = 64
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -154,7 +151,7 @@ class Controller:
         self.resources: dict[Key, dict[str, Any]] = {}
         # Watched objects carrying an LLMDeployment's label, by LLMDeployment. The label only finds
         # them: what is the operator's is decided by controller owner references (drift.owned).
-        self.children: dict[Key, dict[ChildKey, dict[str, Any]]] = {}
+        self.children: dict[Key, dict[ChildKey, PackedChild]] = {}
         self.replica_sets: dict[Key, dict[str, str | None]] = {}  # ReplicaSet uid -> its controller's uid
         self.pods: dict[Key, dict[str, dict[str, Any]]] = {}
         self.engines: dict[Key, EngineView] = {}
@@ -205,18 +202,19 @@ class Controller:
             return
         key = (meta["namespace"], owner)
         store: dict[Key, dict[Any, Any]]
+        value: Any
         if kind == "Pod":
-            store, slot, value = self.pods, meta["name"], None
+            # Status and metadata are all a Pod's reconcile and scrape read.
+            store, slot, value = self.pods, meta["name"], slim(body, keep_spec=False)
         elif kind == "ReplicaSet":
             # Only the owner chain Deployment -> ReplicaSet -> Pod is read of a ReplicaSet.
             store, slot, value = self.replica_sets, meta["uid"], controller_uid(body)
         else:
-            store, slot, value = self.children, (kind, meta["name"]), None
+            store, slot, value = self.children, (kind, meta["name"]), PackedChild(body)
         if event_type == "DELETED":
             store.get(key, {}).pop(slot, None)
         else:
-            # Status and metadata are all a Pod's reconcile and scrape read.
-            store.setdefault(key, {})[slot] = value if kind == "ReplicaSet" else slim(body, keep_spec=kind != "Pod")
+            store.setdefault(key, {})[slot] = value
         if key in self.resources:
             # A Pod going Running fires several events in a row; one reconcile sees them all.
             self.queue.add_after(key, SETTLE_SECONDS)
@@ -363,7 +361,7 @@ class Controller:
         if running_job and not any(job["metadata"]["name"] == running_job for job in jobs):
             # Not seen by this term's watch yet, or deleted: the apiserver knows which.
             found = await self._read("Job", owner.namespace, running_job)
-            jobs += [slim(found)] if found is not None else []
+            jobs += [PackedChild(found)] if found is not None else []
         phase = compute_status(observation, written, now_rfc3339()).get("phase")
         pods = [pod for pod in self.pods.get(key, {}).values()
                 if (pod["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == benchmark.COMPONENT]
@@ -383,7 +381,7 @@ class Controller:
                 if exc.status != 409:  # 409: created by an earlier reconcile whose status write failed
                     raise
                 created = await self.kube.get("Job", owner.namespace, plan.create["metadata"]["name"])
-            self.children.setdefault(key, {})[("Job", created["metadata"]["name"])] = slim(created)
+            self.children.setdefault(key, {})[("Job", created["metadata"]["name"])] = PackedChild(created)
         return replace(observation, benchmark=plan.status), plan
 
     async def _after_benchmark(self, key: Key, body: Mapping[str, Any], owner: Owner, plan: benchmark.Plan | None) -> None:
@@ -613,7 +611,7 @@ class Controller:
             return ChildOutcome(child, conflict=conflict_message(kind, name, current, owner))
         if current is not None and matches(desired, current):
             if not known and self._current(key, owner):
-                self.children.setdefault(key, {})[child_key] = slim(current)
+                self.children.setdefault(key, {})[child_key] = PackedChild(current)
             return ChildOutcome(child)
         try:
             applied = await self.kube.apply(desired)
@@ -632,7 +630,7 @@ class Controller:
                 await self.kube.delete(kind, owner.namespace, name)
                 observability.record_write("delete", kind)
             return ChildOutcome(child)
-        self.children.setdefault(key, {})[child_key] = slim(applied)
+        self.children.setdefault(key, {})[child_key] = PackedChild(applied)
         verb = "created" if current is None else "updated"
         log.info(f"{kind} {verb}", extra={"namespace": owner.namespace, "llmdeployment": owner.name})
         return ChildOutcome(child, change=verb)
@@ -684,7 +682,7 @@ class Controller:
             return Download(api.CacheStatus(phase="Pending", job=name, message=conflict).model_dump(
                 by_alias=True, exclude_none=True), conflict=conflict)
         if controller_uid(job) == owner.uid and self._current(key, owner):
-            self.children.setdefault(key, {})[("Job", name)] = slim(job)
+            self.children.setdefault(key, {})[("Job", name)] = PackedChild(job)
         pods = list(self.pods.get((owner.namespace, job_owner(job) or owner.name), {}).values())
         url = progress_url(job, pods)
         progress = await self.progress.read(url) if url is not None else None
@@ -848,34 +846,6 @@ class Controller:
                 or (written or {}).get("scrapedReplicas") != (figures or {}).get("scrapedReplicas")
                 or figures_moved(written, figures)):
             self.queue.add(key)
-
-
-def slim(body: Mapping[str, Any], keep_spec: bool = True) -> dict[str, Any]:
-    """What the stores keep of a watched object: all but managedFields and kubectl's last-applied copy.
-
-    Those two, and a Pod's spec, are most of an object's size and nothing here reads them. What is
-    kept shares its short strings with every other stored object: a thousand Deployments repeat
-    the same keys, image and flags, and sharing them halves the stores.
-    """
-    meta = {k: v for k, v in body["metadata"].items() if k != "managedFields"}
-    annotations = meta.get("annotations")
-    if annotations and LAST_APPLIED in annotations:
-        meta["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
-    kept = {k: v for k, v in body.items() if keep_spec or k != "spec"}
-    if not keep_spec and (node := (body.get("spec") or {}).get("nodeName")):
-        kept["spec"] = {"nodeName": node}  # where a member of a group runs, for status.groups
-    kept["metadata"] = meta
-    return _shared(kept)
-
-
-def _shared(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {sys.intern(k): _shared(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_shared(v) for v in value]
-    if isinstance(value, str) and len(value) <= SHARED_STRING_LENGTH:
-        return sys.intern(value)
-    return value
 
 
 def _startup_status(view: EngineView) -> dict[str, Any] | None:

@@ -35,7 +35,7 @@ def _same_scalar(want: Any, have: Any) -> bool:
 def matches(want: Any, have: Any, path: str = "") -> bool:
     """True when every field in ``want`` has the same value in ``have``."""
     if isinstance(want, dict):
-        return isinstance(have, dict) and all(matches(v, have.get(k), f"{path}.{k}") for k, v in want.items())
+        return isinstance(have, Mapping) and all(matches(v, have.get(k), f"{path}.{k}") for k, v in want.items())
     if isinstance(want, list):
         if not isinstance(have, list):
             return False
