@@ -4,6 +4,8 @@ huggingface_hub client: what it reads, what it cannot judge, and that a fleet of
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -63,3 +65,10 @@ def test_a_thousand_asks_for_one_model_reach_the_hub_once(hub: LocalHub) -> None
     assert asked == 2, hub.requests  # the file list, then config.json
     asyncio.run(metadata.checkpoint(LLAMA_8B, None))
     assert hub.count() == asked, "kept, not asked again"
+
+
+def test_the_operator_loads_the_hub_client_only_for_a_check() -> None:
+    # An operator whose models need no check (claims, files, HF_HUB_OFFLINE) never pays its memory.
+    code = ("import sys; import vllm_operator.handlers, vllm_operator.cli; "
+            "sys.exit(1 if any(m.startswith('huggingface_hub') for m in sys.modules) else 0)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
