@@ -16,6 +16,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from huggingface_hub import constants
+
 from vllm_operator.cache.fit import Checkpoint
 
 TIMEOUT_SECONDS = 5.0
@@ -40,7 +42,7 @@ def fetch(endpoint: str, repo: str, revision: str | None) -> Answer:
     """config.json and file sizes of ``repo`` at ``revision`` (blocking)."""
     # Imported on the first check: its client is 8 MiB of the operator's memory (measured), and an operator
     # whose models come from claims, files or filled caches (HF_HUB_OFFLINE) never asks the hub.
-    from huggingface_hub import HfApi, constants, get_session, hf_hub_url
+    from huggingface_hub import HfApi, get_session, hf_hub_url
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     if constants.HF_HUB_OFFLINE:
