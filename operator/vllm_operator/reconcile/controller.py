@@ -350,7 +350,7 @@ class Controller:
     async def _benchmark(self, key: Key, body: Mapping[str, Any], spec: LLMDeploymentSpec, owner: Owner,
                          observation: Observation) -> tuple[Observation, benchmark.Plan | None]:
         """Start, follow and record the serving benchmark the annotation asks for (benchmark/ decides)."""
-        written = self._statuses.get(key) or body.get("status") or {}
+        written = self._written(key, body)
         parsed = benchmark.parse_request(body["metadata"].get("annotations"))
         jobs = [child for (kind, _), child in self.children.get(key, {}).items() if kind == "Job"
                 and (child["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == benchmark.COMPONENT]
@@ -637,14 +637,14 @@ class Controller:
 
     async def _download(self, key: Key, body: Mapping[str, Any], spec: LLMDeploymentSpec, owner: Owner) -> Download:
         """The download of the model into the cache claim."""
-        written = (self._statuses.get(key) or body.get("status") or {}).get("cache")
+        written = self._written(key, body).get("cache")
         return await self._follow_download(key, body, spec, owner, model_pull(spec), written)
 
     async def _adapter_downloads(self, key: Key, body: Mapping[str, Any], spec: LLMDeploymentSpec,
                                  owner: Owner) -> dict[str, Download]:
         """The download of each adapter from the hub into the cache claim, by adapter name."""
         written = {a["name"]: a.get("download") for a in
-                   (self._statuses.get(key) or body.get("status") or {}).get("adapters") or []}
+                   self._written(key, body).get("adapters") or []}
         return {adapter.name: await self._follow_download(key, body, spec, owner, adapter_pull(adapter),
                                                           written.get(adapter.name))
                 for adapter in spec.adapters if adapter_source(adapter.source)[0] == "hf"}
@@ -712,8 +712,16 @@ class Controller:
         body = self.resources.get(key)
         return body is not None and body["metadata"]["uid"] == owner.uid and not body["metadata"].get("deletionTimestamp")
 
+    def _written(self, key: Key, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The status last written for ``body``: our own copy until the watch catches up with it, then the watched
+        body's, which may be newer than the one a reconcile began with."""
+        live = self.resources.get(key)
+        if live is not None and live["metadata"]["uid"] == body["metadata"]["uid"]:
+            body = live
+        return self._statuses.get(key) or body.get("status") or {}
+
     async def _write_status(self, key: Key, body: Mapping[str, Any], observation: Observation) -> None:
-        previous = self._statuses.get(key) or body.get("status") or {}
+        previous = self._written(key, body)
         status = compute_status(observation, previous, now_rfc3339())
         change = classify(previous, status)
         if change is not Change.FIGURES:
@@ -840,7 +848,7 @@ class Controller:
             return
         # Only what would be written is worth a reconcile: health, the scraped replicas, or load
         # that moved out of the dead band around the figures last written.
-        written = (self._statuses.get(key) or body.get("status") or {}).get("engine")
+        written = self._written(key, body).get("engine")
         figures = stats.model_dump(by_alias=True, exclude_none=True) if stats is not None else None
         if (health_changed or (before is None) != (stats is None)
                 or (written or {}).get("scrapedReplicas") != (figures or {}).get("scrapedReplicas")
