@@ -7,7 +7,7 @@ import json
 
 from vllm_operator.reconcile.controller import Controller, Key, WorkQueue, conflict_message, retry_delay
 from vllm_operator.reconcile.drift import matches
-from vllm_operator.reconcile.stores import LAST_APPLIED, PackedChild, slim
+from vllm_operator.reconcile.stores import LAST_APPLIED, PackedChild, slim, slim_pod
 from test_status import observe, pod
 from vllm_operator.engines.metrics import EngineStats
 from vllm_operator.render.manifests import Owner
@@ -43,9 +43,26 @@ def test_slim_drops_managed_fields_and_last_applied_but_keeps_the_rest() -> None
     assert "managedFields" in body["metadata"] and LAST_APPLIED in body["metadata"]["annotations"]
 
 
-def test_slim_can_drop_a_pods_spec() -> None:
-    kept = slim(watched("Pod"), keep_spec=False)
-    assert "spec" not in kept and kept["status"] == {"phase": "Running"}
+def test_a_pod_keeps_its_node_and_the_status_that_is_read() -> None:
+    pod = watched("Pod")
+    pod["spec"] = {"nodeName": "gpu-1", "containers": [{"name": "vllm"}]}
+    pod["status"] = {"phase": "Running", "podIP": "10.0.0.5", "podIPs": [{"ip": "10.0.0.5"}], "hostIP": "1.2.3.4",
+                     "qosClass": "Burstable",
+                     "conditions": [{"type": "Ready", "status": "True", "lastProbeTime": None,
+                                     "lastTransitionTime": "2026-12-02T00:00:00Z"}],
+                     "containerStatuses": [{"name": "vllm", "ready": True, "restartCount": 1, "image": "vllm:0.32",
+                                            "imageID": "sha256:1", "containerID": "containerd://1",
+                                            "state": {"running": {"startedAt": "2026-12-02T00:00:00Z"}},
+                                            "lastState": {"terminated": {"exitCode": 137}}}]}
+    kept = slim_pod(pod)
+    assert kept["spec"] == {"nodeName": "gpu-1"}
+    assert kept["status"] == {
+        "phase": "Running", "podIP": "10.0.0.5",
+        "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-12-02T00:00:00Z"}],
+        "containerStatuses": [{"name": "vllm", "ready": True, "restartCount": 1,
+                               "state": {"running": {"startedAt": "2026-12-02T00:00:00Z"}},
+                               "lastState": {"terminated": {"exitCode": 137}}}]}
+    assert "podIPs" in pod["status"], "the watched body is left as it was"
 
 
 def test_slim_shares_equal_strings_between_objects() -> None:
@@ -59,6 +76,7 @@ def test_a_packed_child_reads_as_the_slim_object_and_cannot_be_changed_through_a
     body = watched("Deployment")
     packed = PackedChild(body)
     assert dict(packed) == slim(body) and packed["spec"] == {"containers": []}
+    assert packed["status"] == {"phase": "Running"} and packed.get("metadata") == slim(body)["metadata"]
     packed["spec"]["containers"].append({"name": "mine"})
     assert packed["spec"] == {"containers": []}
     assert "spec" not in PackedChild({k: v for k, v in body.items() if k != "spec"})

@@ -46,7 +46,7 @@ from vllm_operator.engines.startup import StartupStage
 from vllm_operator.kube import Kube, KubeError, now_rfc3339
 from vllm_operator.reconcile.drift import controller_uid, matches, owned, stamped
 from vllm_operator.reconcile.queue import Key, WorkQueue, retry_delay
-from vllm_operator.reconcile.stores import PackedChild, slim
+from vllm_operator.reconcile.stores import PackedChild, slim, slim_pod
 from vllm_operator.reconcile.status import Observation, compute_status, past_startup, status_events
 from vllm_operator.reconcile.writes import Change, WriteBudget, classify, figures_moved
 from vllm_operator.render.engine_args import ENGINE_PORT, served_model_name
@@ -205,7 +205,7 @@ class Controller:
         value: Any
         if kind == "Pod":
             # Status and metadata are all a Pod's reconcile and scrape read.
-            store, slot, value = self.pods, meta["name"], slim(body, keep_spec=False)
+            store, slot, value = self.pods, meta["name"], slim_pod(body)
         elif kind == "ReplicaSet":
             # Only the owner chain Deployment -> ReplicaSet -> Pod is read of a ReplicaSet.
             store, slot, value = self.replica_sets, meta["uid"], controller_uid(body)
