@@ -532,14 +532,14 @@ class Controller:
         """Engine replicas that exist, ready or still loading, and are not going away."""
         return sum(1 for pod in self.engine_pods(key).values() if not pod["metadata"].get("deletionTimestamp"))
 
-    def _workload(self, key: Key) -> dict[str, Any] | None:
+    def _workload(self, key: Key) -> PackedChild | None:
         """The engine Deployment or LeaderWorkerSet, when it is this LLMDeployment's."""
         body = self.resources.get(key)
         if body is None:
             return None
         for child in engine_keys(key[1]):
             found = self.children.get(key, {}).get(child)
-            if found is not None and controller_uid(found) == body["metadata"]["uid"]:
+            if found is not None and found.controller == body["metadata"]["uid"]:
                 return found
         return None
 
@@ -557,14 +557,13 @@ class Controller:
         pods = self.pods.get(key)
         if workload is None or not pods:
             return {}
-        if workload["kind"] == multinode.KIND:
+        if workload.kind == multinode.KIND:
             # The LWS controller owns the leaders' StatefulSet, and each leader Pod its workers' StatefulSet; the
             # group labels are its Pod webhook's, which only it sets on Pods of its StatefulSets.
-            lws = workload["metadata"]["name"]
-            return {name: pod for name, pod in pods.items() if multinode.member_of(pod, lws) == leaders}
+            return {name: pod for name, pod in pods.items() if multinode.member_of(pod, workload.name) == leaders}
         if not leaders:
             return {}
-        uid = workload["metadata"]["uid"]
+        uid = workload.uid
         sets = {rs for rs, controller in self.replica_sets.get(key, {}).items() if controller == uid}
         return {name: pod for name, pod in pods.items() if controller_uid(pod) in sets}
 
