@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import zlib
 
 from vllm_operator.reconcile.controller import Controller, Key, WorkQueue, conflict_message, retry_delay
 from vllm_operator.reconcile.drift import matches
@@ -80,6 +82,18 @@ def test_a_packed_child_reads_as_the_slim_object_and_cannot_be_changed_through_a
     packed["spec"]["containers"].append({"name": "mine"})
     assert packed["spec"] == {"containers": []}
     assert "spec" not in PackedChild({k: v for k, v in body.items() if k != "spec"})
+
+
+def test_children_of_one_kind_pack_against_the_first_and_read_back_whole() -> None:
+    first, second = watched("PackedKind"), watched("PackedKind")  # a kind no other test packs first
+    flags = [f"--{hashlib.sha256(str(n).encode()).hexdigest()[:12]}" for n in range(100)]
+    first["spec"] = {"containers": [{"name": "vllm", "args": flags}]}
+    second["spec"] = {"containers": [{"name": "vllm", "args": [*flags, "--one-more"]}]}
+    second["metadata"]["name"] = "y"
+    alone = len(zlib.compress(json.dumps(slim(second), separators=(",", ":")).encode(), 1))
+    packed_first, packed_second = PackedChild(first), PackedChild(second)
+    assert dict(packed_second) == slim(second) and dict(packed_first) == slim(first)
+    assert len(packed_second._packed) < alone / 4
 
 
 def test_drift_sees_a_packed_child_as_the_object_it_holds() -> None:

@@ -304,7 +304,7 @@ class Controller:
         # Until the model is in the cache, the engine Deployment is neither created nor changed: engines that
         # serve an earlier model keep serving it meanwhile.
         budget = startup_budget_seconds(spec, verdict.capacity.weight_bytes_per_device) if isinstance(verdict, Fits) \
-            else live_startup_budget(self._workload(key)) or startup_budget_seconds(spec, None)
+            else live_startup_budget(self._workload_body(key)) or startup_budget_seconds(spec, None)
         synced = await self._sync_children(key, body, spec, owner, budget,
                                            hold_engines=pulled is not None and not pulled.ready)
         adapters = await self._adapter_downloads(key, body, spec, owner)
@@ -326,7 +326,7 @@ class Controller:
             endpoint=endpoint(spec, owner),
             served_model=served_model_name(spec, owner.name),
             selector=",".join(f"{k}={v}" for k, v in serving_selector(spec, owner.name).items()),
-            workload=self._workload(key),
+            workload=self._workload_body(key),
             pods=list(self.engine_pods(key).values()),
             workers=list(self.worker_pods(key).values()),
             group_size=spec.accelerator.nodes,
@@ -352,8 +352,8 @@ class Controller:
         """Start, follow and record the serving benchmark the annotation asks for (benchmark/ decides)."""
         written = self._written(key, body)
         parsed = benchmark.parse_request(body["metadata"].get("annotations"))
-        jobs = [child for (kind, _), child in self.children.get(key, {}).items() if kind == "Job"
-                and (child["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == benchmark.COMPONENT]
+        jobs = [job for (kind, _), child in self.children.get(key, {}).items() if kind == "Job" for job in [child.body()]
+                if (job["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == benchmark.COMPONENT]
         previous = written.get("benchmark")
         if parsed is None and not jobs and (previous or {}).get("phase") != "Running":
             return replace(observation, benchmark=previous), None
@@ -543,6 +543,11 @@ class Controller:
                 return found
         return None
 
+    def _workload_body(self, key: Key) -> dict[str, Any] | None:
+        """The engine Deployment or LeaderWorkerSet, decoded once for a reader of all of it."""
+        workload = self._workload(key)
+        return workload.body() if workload is not None else None
+
     def engine_pods(self, key: Key) -> dict[str, dict[str, Any]]:
         """The replicas' serving Pods: of the ReplicaSets of the engine Deployment (a Pod with the label alone is
         not a replica), or the group leaders of the engine LeaderWorkerSet."""
@@ -572,7 +577,7 @@ class Controller:
         # Children are independent of each other: one round trip for all of them, not one each.
         live = self.children.get(key, {})
         outcomes = await asyncio.gather(*(
-            self._sync_child(key, owner, child, manifest, live.get(child))
+            self._sync_child(key, owner, child, manifest, known.body() if (known := live.get(child)) is not None else None)
             for child, manifest in children(spec, owner, startup_budget).items()
             if not (hold_engines and child in engine_keys(owner.name))
         ))
@@ -655,7 +660,8 @@ class Controller:
         name = job_name(spec, owner.name, pull)
         if written is not None and written.get("job") == name and written.get("phase") == "Ready":
             return Download(dict(written), ready=True)  # nothing to read again: the weights stay in the claim
-        job = self.children.get(key, {}).get(("Job", name))
+        known = self.children.get(key, {}).get(("Job", name))
+        job = known.body() if known is not None else None
         if job is None:
             # Not ours, or not seen yet: another LLMDeployment on the same claim may have made it.
             job = await self._read("Job", owner.namespace, name)
@@ -690,9 +696,11 @@ class Controller:
     async def _drop_finished_downloads(self, key: Key, owner: Owner, keep: set[str]) -> None:
         """Once the engines' model is in the cache, this LLMDeployment's Jobs of earlier downloads (of another model,
         revision or patterns) go; their bytes stay in the claim."""
-        for (kind, name), job in list(self.children.get(key, {}).items()):
-            labels = job["metadata"].get("labels") or {}
-            if (kind == "Job" and name not in keep and labels.get("app.kubernetes.io/component") == PULLER_COMPONENT
+        for (kind, name), child in list(self.children.get(key, {}).items()):
+            if kind != "Job" or name in keep:
+                continue
+            job = child.body()
+            if ((job["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == PULLER_COMPONENT
                     and controller_uid(job) == owner.uid and finished(job) is not None):
                 await self.kube.delete("Job", owner.namespace, name)
                 observability.record_write("delete", "Job")

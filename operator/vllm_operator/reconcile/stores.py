@@ -4,9 +4,10 @@ Measured at 1,000 LLMDeployments with the bench's fleet: the children's stores w
 part of the operator's heap (15 MiB), and a Deployment's spec (its Pod template) was most of
 each. A child is read in full once per reconcile of its LLMDeployment (drift, the startup
 budget, the rollout), and only its kind, name, UID and controller on every scrape sweep; so a
-child is kept as compressed JSON beside those four, a tenth of the decoded dicts (a
-Deployment's spec alone: 17 KB of dicts, 2.9 KB of JSON, 1.3 KB compressed at level 1, which
-decodes in under 0.1 ms).
+child is kept as compressed JSON beside those four. Compressed against the first child of its
+kind as zlib's preset dictionary, a Deployment's spec is 17 KB of dicts, 2.9 KB of JSON, 1.2 KB
+compressed alone and 0.24 KB compressed against another model's Deployment; it decodes in under
+0.1 ms.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ SHARED_STRING_LENGTH = 64
 POD_STATUS_UNREAD = ("hostIP", "hostIPs", "podIPs", "qosClass")
 CONTAINER_STATUS_UNREAD = frozenset({"image", "imageID", "containerID", "volumeMounts", "resources",
                                      "allocatedResources", "allocatedResourcesStatus", "user", "stopSignal"})
+
+
+# zlib's preset dictionary, per kind: the first child of that kind packed. Children of one kind repeat most
+# of each other (keys, labels, the Pod template), which a dictionary lets each refer to instead of carrying.
+_DICTIONARIES: dict[str | None, bytes] = {}
+MAX_DICTIONARY = 32 * 1024  # zlib's window: only its last 32 KiB can be referred to
 
 
 def slim(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -86,7 +93,7 @@ class PackedChild(Mapping[str, Any]):
     dict each time, so a reader cannot change the store). What every scrape sweep reads to find the engines'
     Pods, its kind, name, UID and controller, stays at hand as attributes."""
 
-    __slots__ = ("kind", "name", "uid", "controller", "_packed")
+    __slots__ = ("kind", "name", "uid", "controller", "_dictionary", "_packed")
 
     def __init__(self, body: Mapping[str, Any]) -> None:
         meta = body["metadata"]
@@ -97,10 +104,14 @@ class PackedChild(Mapping[str, Any]):
         kept = _trimmed(body)
         if "spec" in body:
             kept["spec"] = body["spec"]
-        self._packed = zlib.compress(json.dumps(kept, separators=(",", ":")).encode(), 1)
+        raw = json.dumps(kept, separators=(",", ":")).encode()
+        self._dictionary = _DICTIONARIES.setdefault(self.kind, raw[-MAX_DICTIONARY:])
+        packer = zlib.compressobj(1, zdict=self._dictionary)
+        self._packed = packer.compress(raw) + packer.flush()
 
     def body(self) -> dict[str, Any]:
-        return json.loads(zlib.decompress(self._packed))
+        unpacker = zlib.decompressobj(zdict=self._dictionary)
+        return json.loads(unpacker.decompress(self._packed) + unpacker.flush())
 
     def __getitem__(self, key: str) -> Any:
         return self.body()[key]
@@ -110,6 +121,9 @@ class PackedChild(Mapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self.body())
+
+    def __bool__(self) -> bool:  # never empty: not worth decoding to tell
+        return True
 
     def __repr__(self) -> str:
         return f"PackedChild({self.body()!r})"
