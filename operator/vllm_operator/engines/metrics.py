@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import functools
 import math
-from array import array
 import re
+from array import array
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -262,14 +262,15 @@ def counter_increase(previous: Counter, current: Counter) -> float:
 
 def histogram_increase(previous: Histogram, current: Histogram) -> dict[float, float]:
     """Cumulative bucket counts of the observations between two scrapes, reset-safe like counter_increase."""
+    # Both sorted by bound: equal bounds pair the counts up, with no dict built per engine and scrape.
     restarted = (
         current.created != previous.created
-        or current.buckets.keys() != previous.buckets.keys()
-        or any(count < previous.buckets[bound] for bound, count in current.buckets.items())
+        or current.bounds != previous.bounds
+        or any(now < before for before, now in zip(previous.counts, current.counts))
     )
     if restarted:
-        return dict(current.buckets)
-    return {bound: count - previous.buckets[bound] for bound, count in current.buckets.items()}
+        return current.buckets
+    return {bound: now - before for bound, before, now in zip(current.bounds, previous.counts, current.counts)}
 
 
 def merge_buckets(histograms: Iterable[Mapping[float, float]]) -> dict[float, float]:

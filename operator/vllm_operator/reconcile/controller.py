@@ -361,7 +361,7 @@ class Controller:
         if running_job and not any(job["metadata"]["name"] == running_job for job in jobs):
             # Not seen by this term's watch yet, or deleted: the apiserver knows which.
             found = await self._read("Job", owner.namespace, running_job)
-            jobs += [PackedChild(found)] if found is not None else []
+            jobs += [slim(found)] if found is not None else []
         phase = compute_status(observation, written, now_rfc3339()).get("phase")
         pods = [pod for pod in self.pods.get(key, {}).values()
                 if (pod["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == benchmark.COMPONENT]

@@ -42,16 +42,14 @@ def slim(body: Mapping[str, Any]) -> dict[str, Any]:
     short strings with every other stored object: a thousand Deployments repeat the same keys,
     image and flags.
     """
-    kept = _trimmed(body)
-    if "spec" in body:
-        kept["spec"] = body["spec"]
-    return _shared(kept)
+    return _shared(_unmanaged(body))
 
 
 def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
     """What reconcile and scrape read of a Pod: its metadata, its node, and its status without the addresses,
     images and mounts nothing here reads (a third of a Pod's status)."""
-    kept = _trimmed(body)
+    kept = _unmanaged(body)
+    kept.pop("spec", None)
     if node := (body.get("spec") or {}).get("nodeName"):
         kept["spec"] = {"nodeName": node}  # where a member of a group runs, for status.groups
     status = dict(body.get("status") or {})
@@ -67,15 +65,13 @@ def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
     return _shared(kept)
 
 
-def _trimmed(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The object without its spec, managedFields and last-applied annotation."""
+def _unmanaged(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A shallow copy of the object without managedFields and the last-applied annotation."""
     meta = {k: v for k, v in body["metadata"].items() if k != "managedFields"}
     annotations = meta.get("annotations")
     if annotations and LAST_APPLIED in annotations:
         meta["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
-    kept = {k: v for k, v in body.items() if k != "spec"}
-    kept["metadata"] = meta
-    return kept
+    return {**body, "metadata": meta}
 
 
 def _shared(value: Any) -> Any:
@@ -101,10 +97,7 @@ class PackedChild(Mapping[str, Any]):
         self.name: str = meta["name"]
         self.uid: str | None = meta.get("uid")
         self.controller = controller_uid(body)
-        kept = _trimmed(body)
-        if "spec" in body:
-            kept["spec"] = body["spec"]
-        raw = json.dumps(kept, separators=(",", ":")).encode()
+        raw = json.dumps(_unmanaged(body), separators=(",", ":")).encode()
         self._dictionary = _DICTIONARIES.setdefault(self.kind, raw[-MAX_DICTIONARY:])
         packer = zlib.compressobj(1, zdict=self._dictionary)
         self._packed = packer.compress(raw) + packer.flush()
