@@ -12,6 +12,7 @@ from vllm_operator.reconcile.drift import matches
 from vllm_operator.reconcile.stores import LAST_APPLIED, PackedChild, slim, slim_pod
 from test_status import observe, pod
 from vllm_operator.engines.metrics import EngineStats
+from vllm_operator.render.adapters import READINESS_GATE
 from vllm_operator.render.manifests import Owner
 
 
@@ -50,8 +51,10 @@ def test_a_pod_keeps_its_node_and_the_status_that_is_read() -> None:
     pod["spec"] = {"nodeName": "gpu-1", "containers": [{"name": "vllm"}]}
     pod["status"] = {"phase": "Running", "podIP": "10.0.0.5", "podIPs": [{"ip": "10.0.0.5"}], "hostIP": "1.2.3.4",
                      "qosClass": "Burstable",
-                     "conditions": [{"type": "Ready", "status": "True", "lastProbeTime": None,
-                                     "lastTransitionTime": "2026-12-02T00:00:00Z"}],
+                     "conditions": [{"type": t, "status": "True", "lastProbeTime": None,
+                                     "lastTransitionTime": "2026-12-02T00:00:00Z"}
+                                    for t in ("PodReadyToStartContainers", "Initialized", "Ready", "ContainersReady",
+                                              "PodScheduled", READINESS_GATE)],
                      "containerStatuses": [{"name": "vllm", "ready": True, "restartCount": 1, "image": "vllm:0.32",
                                             "imageID": "sha256:1", "containerID": "containerd://1",
                                             "state": {"running": {"startedAt": "2026-12-02T00:00:00Z"}},
@@ -60,7 +63,8 @@ def test_a_pod_keeps_its_node_and_the_status_that_is_read() -> None:
     assert kept["spec"] == {"nodeName": "gpu-1"}
     assert kept["status"] == {
         "phase": "Running", "podIP": "10.0.0.5",
-        "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-12-02T00:00:00Z"}],
+        "conditions": [{"type": t, "status": "True", "lastTransitionTime": "2026-12-02T00:00:00Z"}
+                       for t in ("Ready", "PodScheduled", READINESS_GATE)],
         "containerStatuses": [{"name": "vllm", "ready": True, "restartCount": 1,
                                "state": {"running": {"startedAt": "2026-12-02T00:00:00Z"}},
                                "lastState": {"terminated": {"exitCode": 137}}}]}

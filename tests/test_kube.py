@@ -335,6 +335,16 @@ def test_the_event_log_keeps_recent_events_within_the_window_and_no_more() -> No
     assert log.entry(("uid-2", "Normal", "Ready", "up"), now=1205.0) is not other
 
 
+def test_the_event_log_forgets_what_has_been_quiet_for_longer_than_the_window() -> None:
+    log = EventLog(size=100, window=600)
+    for uid in range(10):
+        log.entry((f"uid-{uid}", "Normal", "Ready", "up"), now=float(uid))
+    assert len(log) == 10
+    recent = log.entry(("uid-9", "Normal", "Ready", "up"), now=605.0)
+    assert len(log) == 5, "uid-0 .. uid-4 were last posted more than 600 s ago"
+    assert log.entry(("uid-9", "Normal", "Ready", "up"), now=606.0) is recent
+
+
 @pytest.mark.cluster
 def test_the_same_event_three_times_is_one_event_counted_three_times(cluster: Cluster, namespace: str) -> None:
     involved = {"apiVersion": "llm.vllm-operator.io/v1alpha1", "kind": "LLMDeployment",

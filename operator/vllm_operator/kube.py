@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import math
 import re
@@ -33,7 +34,7 @@ import ssl
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping
@@ -176,7 +177,7 @@ EVENT_WINDOW = 600.0
 EVENT_LOG_SIZE = 4096
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class PostedEvent:
     name: str = ""  # of the Event object, once created
     count: int = 0
@@ -186,21 +187,29 @@ class PostedEvent:
 
 
 class EventLog:
-    """The Events posted recently, by what makes two of them the same."""
+    """The Events posted recently, by what makes two of them the same.
+
+    Each is remembered by a digest of that, not the message itself, and only for its window: at 1,000
+    LLMDeployments the full log took 2 MiB (680 bytes an entry), most of it messages no one reads again.
+    """
 
     def __init__(self, size: int = EVENT_LOG_SIZE, window: float = EVENT_WINDOW) -> None:
         self._size = size
         self._window = window
-        self._posted: OrderedDict[Hashable, PostedEvent] = OrderedDict()
+        self._posted: OrderedDict[bytes, PostedEvent] = OrderedDict()  # least recently posted first
 
-    def entry(self, key: Hashable, now: float) -> PostedEvent:
+    def __len__(self) -> int:
+        return len(self._posted)
+
+    def entry(self, key: tuple[Any, ...], now: float) -> PostedEvent:
         """The record to count a post of ``key`` at ``now`` on: a fresh one after a quiet window."""
-        posted = self._posted.pop(key, None)
+        digest = hashlib.blake2b(repr(key).encode(), digest_size=16).digest()
+        posted = self._posted.pop(digest, None)
         if posted is None or now - posted.last > self._window:
             posted = PostedEvent()
         posted.last = now
-        self._posted[key] = posted
-        if len(self._posted) > self._size:
+        self._posted[digest] = posted
+        while len(self._posted) > self._size or now - next(iter(self._posted.values())).last > self._window:
             self._posted.popitem(last=False)
         return posted
 
