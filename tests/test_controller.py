@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import json
 import zlib
 
+import pytest
+
+from vllm_operator.kube import KubeError
 from vllm_operator.reconcile.controller import Controller, Key, WorkQueue, conflict_message, retry_delay
 from vllm_operator.reconcile.drift import matches
 from vllm_operator.reconcile.stores import LAST_APPLIED, PackedChild, slim, slim_pod
@@ -153,6 +157,33 @@ def test_an_ended_term_posts_no_more_events() -> None:
         return posting.cancelled()
 
     assert asyncio.run(body())
+
+
+class RefusedEvents:
+    """Stands in for Kube where only Event posting is reached; refuses every post with ``error``."""
+
+    def __init__(self, error: KubeError) -> None:
+        self.error = error
+
+    async def post_event(self, *_: object) -> None:
+        raise self.error
+
+
+def test_an_event_refused_in_a_terminating_namespace_is_not_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    # Deleting a namespace of 1,000 LLMDeployments logged 1,000 warnings: their Pods went first, and each
+    # status change's Event was refused.
+    terminating = KubeError(403, "unable to create new content in namespace ns because it is being terminated",
+                            "Forbidden", ("NamespaceTerminating",))
+    for error, logged in ((terminating, logging.DEBUG), (KubeError(403, "forbidden", "Forbidden"), logging.WARNING)):
+        caplog.clear()
+
+        async def post(error: KubeError = error) -> None:
+            with caplog.at_level(logging.DEBUG, logger="vllm_operator.reconcile.controller"):
+                await Controller(RefusedEvents(error))._post_event(  # type: ignore[arg-type]
+                    {"metadata": {"name": "x", "namespace": "ns"}}, "Normal", "Pending", "phase Ready -> Pending")
+
+        asyncio.run(post())
+        assert [r.levelno for r in caplog.records] == [logged]
 
 
 def test_retries_back_off_from_5_seconds_to_5_minutes_with_jitter() -> None:

@@ -778,7 +778,10 @@ class Controller:
         try:
             await self.kube.post_event(body, type_, reason, message)
         except KubeError as exc:
-            log.warning(f"event not recorded: {exc}")
+            # A namespace being deleted refuses new Events; its LLMDeployments go with it (so does client-go's
+            # recorder, which drops these quietly).
+            level = logging.DEBUG if "NamespaceTerminating" in exc.causes else logging.WARNING
+            log.log(level, f"event not recorded: {exc}")
 
     # -- engine metrics -------------------------------------------------------------------------
 
