@@ -207,6 +207,44 @@ def test_conflict_messages_say_whose_object_it_is_and_what_to_do() -> None:
     assert "earlier LLMDeployment" in conflict_message("Deployment", "llama", earlier, owner)
 
 
+class SlowClaims:
+    """Stands in for Kube where only children's applies are reached: nothing exists yet, and a claim's apply is
+    the slowest to answer."""
+
+    def __init__(self) -> None:
+        self.applied: list[str] = []
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict:
+        raise KubeError(404, f"{kind} {name} not found")
+
+    async def apply(self, desired: dict) -> dict:
+        if desired["kind"] == "PersistentVolumeClaim":
+            await asyncio.sleep(0.05)
+        self.applied.append(desired["kind"])
+        return {**desired, "metadata": {**desired["metadata"], "uid": f"uid-{desired['kind']}"}}
+
+    async def post_event(self, *_: object) -> None:
+        return None
+
+
+def test_a_new_cache_claim_exists_before_the_engines_that_mount_it() -> None:
+    # Found by the bench: 1 of 1,000 new LLMDeployments posted a Warning "Unschedulable": its Deployment was
+    # applied before its claim, and its first Pod found no claim of that name.
+    from vllm_operator.api import LLMDeploymentSpec
+
+    async def body() -> list[str]:
+        kube = SlowClaims()
+        controller = Controller(kube)  # type: ignore[arg-type]
+        resource = {"metadata": {"name": "llama", "namespace": "ai", "uid": "u1", "generation": 1}, "spec": {}}
+        controller.observe_resource("ADDED", resource)
+        spec = LLMDeploymentSpec.model_validate({"model": {"name": "org/model"}, "accelerator": {"type": "cpu"}})
+        assert await controller._sync_children(("ai", "llama"), resource, spec, Owner("llama", "ai", "u1"), 600)
+        return kube.applied
+
+    applied = asyncio.run(body())
+    assert applied[0] == "PersistentVolumeClaim" and "Deployment" in applied
+
+
 class StatusRecorder:
     """Stands in for Kube where only status writes and Events are reached; records the writes."""
 
