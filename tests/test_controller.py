@@ -242,7 +242,8 @@ def test_a_new_cache_claim_exists_before_the_engines_that_mount_it() -> None:
         return kube.applied
 
     applied = asyncio.run(body())
-    assert applied[0] == "PersistentVolumeClaim" and "Deployment" in applied
+    assert applied.index("PersistentVolumeClaim") < applied.index("Deployment")
+    assert applied.index("Service") < applied.index("PersistentVolumeClaim"), "the Service waits for nothing"
 
 
 class StatusRecorder:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -574,20 +574,30 @@ class Controller:
 
     async def _sync_children(self, key: Key, body: Mapping[str, Any], spec: LLMDeploymentSpec, owner: Owner,
                              startup_budget: int, hold_engines: bool = False) -> bool:
-        # One round trip for all children, not one each; but a new cache claim goes first. The engines' Pods
-        # mount it, and a Pod that comes before its claim is reported Unschedulable (1 in 1,000 new ones did).
+        # One round trip for all children, not one each; but the engine workload waits for a new cache claim.
+        # Its Pods mount the claim, and a Pod that comes before it is reported Unschedulable (1 in 1,000 new
+        # LLMDeployments was). The Service does not wait: ClusterIPs are allocated one at a time, the slow part
+        # of a burst.
         live = self.children.get(key, {})
+        engines = engine_keys(owner.name)
+
+        def sync(child: ChildKey, manifest: Manifest | None) -> Awaitable[ChildOutcome]:
+            known = live.get(child)
+            return self._sync_child(key, owner, child, manifest, known.body() if known is not None else None)
+
         wanted = {child: manifest for child, manifest in children(spec, owner, startup_budget).items()
-                  if not (hold_engines and child in engine_keys(owner.name))}
+                  if not (hold_engines and child in engines)}
         new_claims = [child for child, manifest in wanted.items()
                       if child[0] == "PersistentVolumeClaim" and manifest is not None and child not in live]
-        outcomes: list[ChildOutcome] = []
-        for wave in (new_claims, [child for child in wanted if child not in new_claims]):
-            outcomes += await asyncio.gather(*(
-                self._sync_child(key, owner, child, wanted[child],
-                                 known.body() if (known := live.get(child)) is not None else None)
-                for child in wave
-            ))
+        claims = asyncio.ensure_future(asyncio.gather(*(sync(child, wanted[child]) for child in new_claims)))
+
+        async def after_claims(child: ChildKey, manifest: Manifest | None) -> ChildOutcome:
+            await claims
+            return await sync(child, manifest)
+
+        rest = await asyncio.gather(*(after_claims(child, manifest) if child in engines else sync(child, manifest)
+                                      for child, manifest in wanted.items() if child not in new_claims))
+        outcomes = [*await claims, *rest]
         for store, found in ((self.apply_errors, [o.error for o in outcomes if o.error]),
                              (self.conflicts, [o.conflict for o in outcomes if o.conflict])):
             if found:
