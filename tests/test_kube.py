@@ -25,7 +25,8 @@ from devcluster.pytest_plugin import Cluster
 from vllm_operator import cli, kubeconfig
 from vllm_operator.handlers import RunOptions
 from vllm_operator.kube import (
-    RETRY_AFTER_CAP, RETRY_ATTEMPTS, Credentials, EventLog, Kube, KubeError, SecretKeys, TokenBucket, retry_delay,
+    RETRY_AFTER_CAP, RETRY_ATTEMPTS, TLS_READ_BUFFER, Credentials, EventLog, Kube, KubeError, SecretKeys, TokenBucket,
+    limit_tls_read_buffer, retry_delay,
     yaml_safe_json,
 )
 
@@ -281,6 +282,31 @@ def test_unauthorized_reloads_the_credentials_once_and_retries(tmp_path: Path) -
                 assert all(isinstance(r, KubeError) and r.status == 401 for r in results), results
                 assert calls.read_text().strip() == "3"
                 assert sorted(fake.tokens) == ["Bearer token-2"] * 3 + ["Bearer token-3"] * 3
+            finally:
+                await kube.close()
+
+    run(body)
+
+
+def test_a_tls_connection_reads_through_the_smaller_buffer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    authority = Authority(tmp_path / "pki")
+    pair = authority.server("apiserver", "kubernetes", ("127.0.0.1",))
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(pair.cert, pair.key)
+    monkeypatch.setattr(asyncio.sslproto.SSLProtocol, "max_size", asyncio.sslproto.SSLProtocol.max_size)
+    limit_tls_read_buffer()
+    big = {"items": ["x" * 1000] * 1000}  # 1 MB: many reads of the buffer
+
+    async def answer(request: web.Request, n: int) -> web.StreamResponse:
+        return web.json_response(big)
+
+    async def body() -> None:
+        async with apiserver(answer, server_context) as (_, url):
+            kube = Kube(Credentials(url, ssl.create_default_context(cafile=str(authority.pair.cert))))
+            try:
+                assert await kube.request("GET", "/api/v1/pods") == big
+                (connection,) = kube._client().connector._conns.values()  # type: ignore[union-attr]
+                assert len(connection[0][0].transport._ssl_protocol._ssl_buffer) == TLS_READ_BUFFER
             finally:
                 await kube.close()
 

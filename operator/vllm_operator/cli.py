@@ -136,9 +136,11 @@ def _run(args: argparse.Namespace) -> int:
     import kopf
 
     from vllm_operator import handlers
+    from vllm_operator.kube import limit_tls_read_buffer
     from vllm_operator.leader import default_identity
 
     _configure_logging(args.log_format, args.log_level)
+    limit_tls_read_buffer()
     handlers.OPTIONS.kubeconfig = args.kubeconfig
     handlers.OPTIONS.metrics_port = args.metrics_port
     handlers.OPTIONS.workers = args.workers
@@ -229,9 +231,10 @@ def _gateway(args: argparse.Namespace) -> int:
 
     from vllm_operator.gateway.server import serve
     from vllm_operator.gateway.watch import Fleet
-    from vllm_operator.kube import Credentials, Kube
+    from vllm_operator.kube import Credentials, Kube, limit_tls_read_buffer
 
     _configure_logging(args.log_format, args.log_level)
+    limit_tls_read_buffer()
 
     async def run() -> None:
         # SIGTERM (a Pod stopping) ends serve() through its cleanup, which lets requests in flight finish.
