@@ -112,7 +112,7 @@ def object_path(kind: str, namespace: str, name: str | None = None, subresource:
 
 
 # Each TLS connection holds memory (asyncio's read buffer below, and OpenSSL's), and the apiserver, not
-# the pool, limits how fast writes go: 64 connections cost as much memory as the stores of 1,000 LLMDeployments.
+# the pool, limits how fast writes go.
 DEFAULT_CONNECTIONS = 16
 # asyncio gives every TLS connection a read buffer of SSLProtocol.max_size, 256 KiB, zero-filled (so
 # resident) at once, and has no public setting for it. The operator holds a connection per watch (kopf
@@ -124,6 +124,7 @@ TLS_READ_BUFFER = 64 * 1024
 def limit_tls_read_buffer(size: int = TLS_READ_BUFFER) -> None:
     """Make the TLS connections opened from now on in this process read through ``size`` bytes of buffer."""
     asyncio.sslproto.SSLProtocol.max_size = size
+
 
 # A watch event is one line, and aiohttp refuses a line longer than twice its read buffer: 1 MiB lets
 # through 2 MiB, more than the largest object etcd stores (1.5 MiB).
